@@ -1,0 +1,1 @@
+"""A minimal MLX paged-KV inference engine with automatic prefix caching."""
