@@ -54,11 +54,17 @@ class KVCacheManager:
         return (num_tokens - 1) // self.block_size
 
     def get_computed_blocks(
-        self, request_id: str, token_ids: Sequence[int], cache_salt: str | None = None
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        cache_salt: str | None = None,
+        *,
+        record_stats: bool = True,
     ) -> tuple[list[KVBlock], int]:
         """The longest cached run of full blocks from the start, and its length in tokens.
 
-        Counts one lookup in the stats. Takes no reference: ``allocate_slots`` does.
+        Counts one lookup in the stats unless told not to. Takes no reference:
+        ``allocate_slots`` does.
         """
         if not self.enable_caching:
             return [], 0
@@ -71,10 +77,38 @@ class KVCacheManager:
                 break
             hit_blocks.append(block)
         num_hit_tokens = len(hit_blocks) * self.block_size
-        self.stats.requests += 1
-        self.stats.queries += len(token_ids)
-        self.stats.hits += num_hit_tokens
+        if record_stats:
+            self._record_lookup(len(token_ids), num_hit_tokens)
         return hit_blocks, num_hit_tokens
+
+    def admit(
+        self, request_id: str, token_ids: Sequence[int], token_budget: int, cache_salt: str | None = None
+    ) -> int | None:
+        """Look up a waiting request's prefix and allocate room for its next chunk.
+
+        Returns the number of tokens served from the cache, or None (and changes nothing,
+        counters included) when the pool cannot hold the chunk. A lookup is counted once
+        per admission, so the counters do not depend on how often a request had to wait.
+        """
+        hit_blocks, num_hit_tokens = self.get_computed_blocks(request_id, token_ids, cache_salt, record_stats=False)
+        num_new_tokens = min(len(token_ids) - num_hit_tokens, token_budget)
+        allocated = self.allocate_slots(
+            request_id, token_ids, num_new_tokens, num_hit_tokens, hit_blocks, cache_salt
+        )
+        if allocated is None:
+            return None
+        if self.enable_caching:
+            self._record_lookup(len(token_ids), num_hit_tokens)
+        return num_hit_tokens
+
+    def can_fit(self, num_tokens: int) -> bool:
+        """Whether a request of ``num_tokens`` could ever fit, alone, in an empty pool."""
+        return -(-num_tokens // self.block_size) <= self.pool.num_blocks
+
+    def _record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.requests += 1
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
 
     def allocate_slots(
         self,

@@ -1,0 +1,271 @@
+"""The LLM facade, shaped like vLLM's: generate, SamplingParams, RequestOutput, counters."""
+
+import copy
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from engine.kv import KVCacheManager, PrefixCacheStats
+from engine.models import fixed_config, resolve_model, weight_checksum
+from engine.outputs import RequestOutput, prometheus_text
+from engine.request import Request
+from engine.runner.device import select_device
+from engine.runner.model_runner import ChunkInput, ModelRunner, kv_geometry
+from engine.runner.paged_attention import KVPool
+from engine.sampling import SamplingParams, sample_token
+from engine.scheduler import ScheduledChunk, Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int
+    num_kv_blocks: int
+    enable_prefix_caching: bool
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    hash_algorithm: str
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class LLM:
+    """A paged-KV engine with automatic prefix caching over one mlx-lm model.
+
+    The KV pool is allocated once, sized in slots (``num_kv_blocks * block_size``).
+    ``reconfigure`` changes block size, pool limit, caching and batching on the same pool
+    (and switches between models of the same KV geometry), so one process never needs a
+    second ``LLM``: on Metal, memory held by a released one is not returned.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-qwen3",
+        block_size: int = 16,
+        num_kv_blocks: int = 2048,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int = 4096,
+        hash_algorithm: str = "sha256",
+        device: str | None = None,
+    ) -> None:
+        self.config = EngineConfig(
+            block_size, num_kv_blocks, enable_prefix_caching, max_num_seqs,
+            max_num_batched_tokens, max_model_len, hash_algorithm,
+        )
+        self.device = select_device(device)
+        self._request_counter = itertools.count()
+        self._pool: KVPool | None = None
+        self._load_model(model)
+        geometry = kv_geometry(self._model)
+        self._pool = KVPool(
+            geometry.num_layers, num_kv_blocks * block_size, block_size,
+            geometry.kv_heads, geometry.head_dim, geometry.dtype,
+        )
+        self._build()
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._model.args.vocab_size
+
+    @property
+    def num_slots(self) -> int:
+        return self._pool.num_slots
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @property
+    def kv_manager(self) -> KVCacheManager:
+        return self._kv
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]] | str,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order.
+
+        Every input is checked before any work starts, so a bad one raises ValueError
+        and leaves the engine exactly as it was.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        salts = self._per_prompt(cache_salt, len(prompts), "cache_salt")
+        requests = [self._make_request(p, sp, s) for p, sp, s in zip(prompts, params, salts, strict=True)]
+        for request in requests:
+            self._scheduler.add(request)
+        try:
+            while self._scheduler.has_unfinished():
+                self._step()
+        except BaseException:
+            self._scheduler.abort_all()
+            raise
+        return [self._to_output(request) for request in requests]
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return copy.copy(self._kv.stats)
+
+    def prefix_cache_metrics(self) -> str:
+        """The counters in Prometheus text format."""
+        return prometheus_text(self._kv.stats, self.model_name)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block. False (nothing changed) while any block is in use."""
+        return self._kv.reset_prefix_cache()
+
+    def reconfigure(self, model: str | None = None, **changes) -> None:
+        """Change engine settings (EngineConfig fields) on the same KV pool.
+
+        The prefix cache and counters start afresh. ``num_kv_blocks * block_size`` may not
+        exceed the pool's slots; a model with another KV geometry gets a new pool.
+        """
+        if self._scheduler.has_unfinished():
+            raise RuntimeError("cannot reconfigure while requests are running")
+        new_config = replace(self.config, **changes)
+        if new_config.num_kv_blocks * new_config.block_size > self._pool.num_slots and model is None:
+            raise ValueError(
+                f"num_kv_blocks={new_config.num_kv_blocks} x block_size={new_config.block_size} exceeds "
+                f"the pool's {self._pool.num_slots} slots"
+            )
+        if model is not None and model != self.model_name:
+            old_geometry = kv_geometry(self._model)
+            self._load_model(model)
+            if kv_geometry(self._model) != old_geometry or new_config.num_kv_blocks * new_config.block_size > self._pool.num_slots:
+                geometry = kv_geometry(self._model)
+                self._pool.release()
+                mx.clear_cache()
+                self._pool = KVPool(
+                    geometry.num_layers, new_config.num_kv_blocks * new_config.block_size,
+                    new_config.block_size, geometry.kv_heads, geometry.head_dim, geometry.dtype,
+                )
+        self.config = new_config
+        self._pool.reshape(new_config.block_size)
+        self._build()
+
+    def close(self) -> None:
+        """Free the KV pool and the model."""
+        if self._pool is not None:
+            self._pool.release()
+        self._pool = None
+        self._model = None
+        self._runner = None
+        mx.clear_cache()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _load_model(self, model: str) -> None:
+        from mlx_lm.utils import load
+
+        path = resolve_model(model)
+        config = fixed_config(path)
+        self._model, self.tokenizer = load(str(path), model_config={"rope_theta": config["rope_theta"]})
+        self.model_name = model
+        self.model_path: Path = path
+        self.weight_checksum = weight_checksum(path)
+        self._eos_token_ids = frozenset(self.tokenizer.eos_token_ids or ())
+
+    def _build(self) -> None:
+        c = self.config
+        self._kv = KVCacheManager(c.num_kv_blocks, c.block_size, c.enable_prefix_caching, c.hash_algorithm)
+        self._scheduler = Scheduler(self._kv, c.max_num_seqs, c.max_num_batched_tokens)
+        self._runner = ModelRunner(self._model, self._pool)
+
+    @staticmethod
+    def _per_prompt(value, count: int, name: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+            return list(value)
+        return [value] * count
+
+    def _make_request(self, prompt, params: SamplingParams, cache_salt: str | None) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {params!r}")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError(f"empty prompt: {prompt!r}")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {len(token_ids)} tokens + max_tokens={params.max_tokens} exceeds "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        # The last sampled token is never written to the KV pool.
+        if not self._kv.can_fit(total - 1):
+            raise ValueError(
+                f"a request of {total - 1} tokens needs {-(-(total - 1) // self.config.block_size)} blocks; "
+                f"the pool has num_kv_blocks={self.config.num_kv_blocks}"
+            )
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= self._eos_token_ids
+        return Request(
+            request_id=str(next(self._request_counter)),
+            prompt_token_ids=token_ids,
+            sampling=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(63),
+            stop_token_ids=frozenset(stops),
+            cache_salt=cache_salt,
+        )
+
+    def _step(self) -> None:
+        scheduled = self._scheduler.schedule()
+        if not scheduled:
+            raise RuntimeError("the scheduler made no progress (pool too small for the running requests)")
+        inputs = [
+            ChunkInput(chunk.token_ids, chunk.start_pos, self._kv.block_table(chunk.request.request_id))
+            for chunk in scheduled
+        ]
+        logits = self._runner.execute(inputs)
+        for chunk, row in zip(scheduled, logits, strict=True):
+            if chunk.completes_sequence:
+                self._sample(chunk, row)
+        self._scheduler.finish_step(scheduled)
+
+    @staticmethod
+    def _sample(chunk: ScheduledChunk, logits: np.ndarray) -> None:
+        request = chunk.request
+        step = len(request.output_token_ids)
+        if request.sampling.return_logits:
+            request.logits.append(logits)
+        request.append_output(sample_token(logits, request.sampling, request.seed, step))
+
+    def _to_output(self, request: Request) -> RequestOutput:
+        logits = np.stack(request.logits) if request.sampling.return_logits else None
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            token_ids=request.output_token_ids,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            finish_reason=request.finish_reason,
+            num_preemptions=request.num_preemptions,
+            logits=logits,
+        )
