@@ -26,3 +26,43 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# -- the single shared LLM -------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+# Settings every test starts from; a test changes them through ``llm.reconfigure``.
+DEFAULT_ENGINE = dict(
+    block_size=16,
+    num_kv_blocks=2048,
+    enable_prefix_caching=True,
+    max_num_seqs=8,
+    max_num_batched_tokens=512,
+    max_model_len=4096,
+)
+DEFAULT_MODEL = "tiny-qwen3"
+
+
+@pytest.fixture(scope="session")
+def shared_llm():
+    """The one ``LLM`` of this test session (of this xdist worker).
+
+    Why only one: on Metal, memory held by a released ``LLM`` is not returned to the
+    process, so a second ``LLM`` would find no KV budget left. Every setting a test needs
+    (caching off, a small pool for eviction, another block size, the other tiny model)
+    comes from ``reconfigure`` on this engine, which reuses its KV pool.
+    """
+    from engine import LLM
+
+    llm = LLM(model=DEFAULT_MODEL, **DEFAULT_ENGINE)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture
+def llm(shared_llm):
+    """The shared ``LLM`` reset to the defaults: empty prefix cache, zero counters."""
+    shared_llm.reconfigure(model=DEFAULT_MODEL, **DEFAULT_ENGINE)
+    assert shared_llm.prefix_cache_stats().queries == 0
+    return shared_llm

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from engine.kv import KVCacheManager, PrefixCacheStats
+from engine.kv import HASH_FUNCTIONS, KVCacheManager, PrefixCacheStats
 from engine.models import fixed_config, resolve_model, weight_checksum
 from engine.outputs import RequestOutput, prometheus_text
 from engine.request import Request
@@ -37,6 +37,8 @@ class EngineConfig:
         for name in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hash_algorithm not in HASH_FUNCTIONS:
+            raise ValueError(f"unknown hash_algorithm {self.hash_algorithm!r}; choose from {sorted(HASH_FUNCTIONS)}")
 
 
 class LLM:
@@ -68,11 +70,7 @@ class LLM:
         self._request_counter = itertools.count()
         self._pool: KVPool | None = None
         self._load_model(model)
-        geometry = kv_geometry(self._model)
-        self._pool = KVPool(
-            geometry.num_layers, num_kv_blocks * block_size, block_size,
-            geometry.kv_heads, geometry.head_dim, geometry.dtype,
-        )
+        self._allocate_pool(num_kv_blocks * block_size, block_size)
         self._build()
 
     # -- public API ----------------------------------------------------------------
@@ -133,28 +131,26 @@ class LLM:
     def reconfigure(self, model: str | None = None, **changes) -> None:
         """Change engine settings (EngineConfig fields) on the same KV pool.
 
-        The prefix cache and counters start afresh. ``num_kv_blocks * block_size`` may not
-        exceed the pool's slots; a model with another KV geometry gets a new pool.
+        The prefix cache and counters start afresh. A new ``block_size`` without a
+        ``num_kv_blocks`` re-views all of the pool's slots; ``num_kv_blocks * block_size``
+        may not exceed them. A model with another KV geometry gets a new pool.
         """
         if self._scheduler.has_unfinished():
             raise RuntimeError("cannot reconfigure while requests are running")
-        new_config = replace(self.config, **changes)
-        if new_config.num_kv_blocks * new_config.block_size > self._pool.num_slots and model is None:
+        new_config = replace(self.config, **changes)  # validates
+        if "block_size" in changes and "num_kv_blocks" not in changes:
+            new_config = replace(new_config, num_kv_blocks=self._pool.num_slots // new_config.block_size)
+        num_slots = new_config.num_kv_blocks * new_config.block_size
+        if model is not None and model != self.model_name:
+            old_geometry = kv_geometry(self._model)
+            self._load_model(model)
+            if kv_geometry(self._model) != old_geometry:
+                self._allocate_pool(max(num_slots, self._pool.num_slots), new_config.block_size)
+        if num_slots > self._pool.num_slots:
             raise ValueError(
                 f"num_kv_blocks={new_config.num_kv_blocks} x block_size={new_config.block_size} exceeds "
                 f"the pool's {self._pool.num_slots} slots"
             )
-        if model is not None and model != self.model_name:
-            old_geometry = kv_geometry(self._model)
-            self._load_model(model)
-            if kv_geometry(self._model) != old_geometry or new_config.num_kv_blocks * new_config.block_size > self._pool.num_slots:
-                geometry = kv_geometry(self._model)
-                self._pool.release()
-                mx.clear_cache()
-                self._pool = KVPool(
-                    geometry.num_layers, new_config.num_kv_blocks * new_config.block_size,
-                    new_config.block_size, geometry.kv_heads, geometry.head_dim, geometry.dtype,
-                )
         self.config = new_config
         self._pool.reshape(new_config.block_size)
         self._build()
@@ -181,11 +177,19 @@ class LLM:
 
         path = resolve_model(model)
         config = fixed_config(path)
-        self._model, self.tokenizer = load(str(path), model_config={"rope_theta": config["rope_theta"]})
+        overrides = {"rope_theta": config["rope_theta"]} if "rope_theta" in config else {}
+        self._model, self.tokenizer = load(str(path), model_config=overrides)
         self.model_name = model
         self.model_path: Path = path
         self.weight_checksum = weight_checksum(path)
         self._eos_token_ids = frozenset(self.tokenizer.eos_token_ids or ())
+
+    def _allocate_pool(self, num_slots: int, block_size: int) -> None:
+        if self._pool is not None:
+            self._pool.release()
+            mx.clear_cache()
+        g = kv_geometry(self._model)
+        self._pool = KVPool(g.num_layers, num_slots, block_size, g.kv_heads, g.head_dim, g.dtype)
 
     def _build(self) -> None:
         c = self.config
