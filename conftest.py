@@ -66,3 +66,53 @@ def llm(shared_llm):
     shared_llm.reconfigure(model=DEFAULT_MODEL, **DEFAULT_ENGINE)
     assert shared_llm.prefix_cache_stats().queries == 0
     return shared_llm
+
+
+# -- the conformance report ------------------------------------------------------------
+
+
+@pytest.fixture
+def conformance():
+    """The run's conformance report, for tests to record what they measured."""
+    from suites.conformance_report import REPORT
+
+    return REPORT
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and "model" in report.keywords:
+        from suites.conformance_report import REPORT
+
+        if report.passed:
+            REPORT.rules_passed += 1
+        elif report.failed:
+            REPORT.rules_failed += 1
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the report to the controller
+        from suites.conformance_report import REPORT
+
+        workeroutput["conformance"] = REPORT.as_dict()
+
+
+def pytest_testnodedown(node, error):
+    from suites.conformance_report import REPORT
+
+    if "conformance" in node.workeroutput:
+        REPORT.merge(node.workeroutput["conformance"])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if hasattr(config, "workeroutput"):
+        return
+    from suites.conformance_report import REPORT
+
+    if REPORT.rules_passed + REPORT.rules_failed == 0:
+        return
+    import mlx.core as mx
+
+    terminalreporter.section("conformance report")
+    for line in REPORT.lines(str(mx.default_device()), mx.__version__):
+        terminalreporter.write_line(line)

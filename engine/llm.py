@@ -3,7 +3,7 @@
 import copy
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,11 +96,14 @@ class LLM:
         prompts: Sequence[str] | Sequence[Sequence[int]] | str,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         cache_salt: str | Sequence[str | None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         Every input is checked before any work starts, so a bad one raises ValueError
-        and leaves the engine exactly as it was.
+        and leaves the engine exactly as it was. ``on_token(index, token_id)``, if given,
+        is called as each token is sampled, with the prompt's index in ``prompts``
+        (tools/bench takes its per-token timestamps there).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -109,9 +112,13 @@ class LLM:
         requests = [self._make_request(p, sp, s) for p, sp, s in zip(prompts, params, salts, strict=True)]
         for request in requests:
             self._scheduler.add(request)
+        index_of = {request.request_id: index for index, request in enumerate(requests)}
         try:
             while self._scheduler.has_unfinished():
-                self._step()
+                sampled = self._step()
+                if on_token is not None:
+                    for request in sampled:
+                        on_token(index_of[request.request_id], request.token_ids[-1])
         except BaseException:
             self._scheduler.abort_all()
             raise
@@ -240,7 +247,8 @@ class LLM:
             cache_salt=cache_salt,
         )
 
-    def _step(self) -> None:
+    def _step(self) -> list[Request]:
+        """Run one scheduled step; return the requests that got a new token, in schedule order."""
         scheduled = self._scheduler.schedule()
         if not scheduled:
             raise RuntimeError("the scheduler made no progress (pool too small for the running requests)")
@@ -249,10 +257,13 @@ class LLM:
             for chunk in scheduled
         ]
         logits = self._runner.execute(inputs)
+        sampled = []
         for chunk, row in zip(scheduled, logits, strict=True):
             if chunk.completes_sequence:
                 self._sample(chunk, row)
+                sampled.append(chunk.request)
         self._scheduler.finish_step(scheduled)
+        return sampled
 
     @staticmethod
     def _sample(chunk: ScheduledChunk, logits: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 import numpy as np
 
 from engine import SamplingParams
+from suites.conformance_report import REPORT, logits_are_bit_exact_here
 
 
 def token_prompts(seed: int, lengths: list[int], prefix: list[int] | None = None, vocab: int = 1024) -> list[list[int]]:
@@ -22,7 +23,10 @@ def counters(llm) -> tuple[int, int]:
 
 
 def assert_same_outputs_bit_for_bit(actual, expected) -> None:
-    """Tokens equal, and logits equal bit for bit (the CPU backend allows it)."""
+    """Tokens equal, and logits equal bit for bit where the backend allows it (MLX's CPU
+    device with its reference BLAS); elsewhere the largest difference goes in the report."""
     assert [o.token_ids for o in actual] == [o.token_ids for o in expected]
     for got, want in zip(actual, expected, strict=True):
-        np.testing.assert_array_equal(got.logits, want.logits)
+        REPORT.record_logit_difference(float(np.abs(got.logits - want.logits).max()))
+        if logits_are_bit_exact_here():
+            np.testing.assert_array_equal(got.logits, want.logits)

@@ -1,0 +1,70 @@
+"""The conformance report printed at the end of a run: what was checked, on what.
+
+Tests record into the one ``REPORT`` of their process; under xdist each worker sends its
+report to the controller, which merges them before printing.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+
+
+def logits_are_bit_exact_here() -> bool:
+    """MLX's CPU device with its reference BLAS: cache-on logits must equal cache-off bit for bit.
+
+    An optimised BLAS (preloaded) or a GPU moves logits in the last bits; there tokens must
+    still match exactly and the largest logit difference is reported instead.
+    """
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu and "blas" not in os.environ.get("LD_PRELOAD", "").lower()
+
+
+@dataclass
+class ConformanceReport:
+    rules_passed: int = 0
+    rules_failed: int = 0
+    golden_cases: int = 0
+    hit_rates: dict[str, list[int]] = field(default_factory=dict)  # label -> [hits, queries]
+    largest_logit_difference: float = 0.0
+    logit_comparisons: int = 0
+
+    def record_hit_rate(self, label: str, hits: int, queries: int) -> None:
+        total = self.hit_rates.setdefault(label, [0, 0])
+        total[0] += hits
+        total[1] += queries
+
+    def record_logit_difference(self, difference: float) -> None:
+        self.logit_comparisons += 1
+        self.largest_logit_difference = max(self.largest_logit_difference, difference)
+
+    def merge(self, other: dict) -> None:
+        self.rules_passed += other["rules_passed"]
+        self.rules_failed += other["rules_failed"]
+        self.golden_cases += other["golden_cases"]
+        for label, (hits, queries) in other["hit_rates"].items():
+            self.record_hit_rate(label, hits, queries)
+        self.largest_logit_difference = max(self.largest_logit_difference, other["largest_logit_difference"])
+        self.logit_comparisons += other["logit_comparisons"]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self, device: str, mlx_version: str) -> list[str]:
+        rows = [
+            ("rules checked", f"{self.rules_passed} passed, {self.rules_failed} failed"),
+            ("golden cases compared", str(self.golden_cases)),
+            *(
+                (f"hit rate, {label}", f"{hits}/{queries} = {hits / queries:.1%}")
+                for label, (hits, queries) in sorted(self.hit_rates.items())
+                if queries
+            ),
+            ("largest cache-on vs cache-off logit difference", f"{self.largest_logit_difference:.3g} over {self.logit_comparisons} comparisons"),
+            ("logits compared", "bit for bit" if logits_are_bit_exact_here() else "tokens exact, logit difference reported"),
+            ("device", device),
+            ("MLX", mlx_version),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return [f"{name:<{width}}  {value}" for name, value in rows]
+
+
+REPORT = ConformanceReport()

@@ -1,0 +1,146 @@
+"""Golden files: syrupy JSON snapshots of cache-off outputs, all in ``golden/``.
+
+One file per model (``golden/<model>.json``), written by ``tools/regen`` after both
+references agreed, read by the suites. A hand-edited or corrupted file fails with an error
+naming the file and the case.
+"""
+
+import json
+import platform
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from syrupy.extensions.json import JSONSnapshotExtension
+
+from engine import SamplingParams
+from suites.golden_cases import Case, batches, golden_cases
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
+
+# Every golden step must separate its top-1 from its top-2 logit by at least this much,
+# so that a backend whose logits move in the last bits still picks the golden token.
+# Why 1e-3: tools/regen measures the largest logit difference between two independent
+# implementations of the same weights (transformers on PyTorch vs this engine on MLX) and
+# records it in each golden file; on the tiny models it is about 1e-5, so 1e-3 leaves two
+# orders of magnitude of headroom for other kernels (Metal, CUDA, optimised BLAS), while
+# the CPU backend is held to bit-identical logits anyway. A larger threshold would refuse
+# one case in 60 on these random-weight models, whose logits often nearly tie.
+MARGIN_THRESHOLD = 1e-3
+
+
+class GoldenError(ValueError):
+    pass
+
+
+class GoldenExtension(JSONSnapshotExtension):
+    """Snapshots live in ``golden/``, named by the index given to ``snapshot(name=model)``."""
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        return str(GOLDEN_DIR)
+
+    @classmethod
+    def get_snapshot_name(cls, *, test_location, index=0) -> str:
+        return str(index)
+
+
+def golden_path(model: str) -> Path:
+    return GOLDEN_DIR / f"{model}.json"
+
+
+def serialize_golden(golden: dict) -> str:
+    """The exact text syrupy compares against: sorted keys, two-space indent, final newline."""
+    return GoldenExtension().serialize(golden)
+
+
+def producer() -> dict:
+    """What produced a golden file: the keys that must match for an exact comparison."""
+    return {"mlx_version": mx.__version__, "device": str(mx.default_device()), "machine": platform.machine()}
+
+
+def min_margin(logits: np.ndarray) -> float:
+    """The smallest top-1 minus top-2 logit over a request's steps."""
+    top_two = np.sort(logits, axis=-1)[:, -2:]
+    return float((top_two[:, 1] - top_two[:, 0]).min())
+
+
+def case_prompt(case: Case, outputs: dict[str, dict]) -> list[int]:
+    if case.continues is None:
+        return list(case.prompt_token_ids)
+    base = outputs[case.continues]
+    return [*base["prompt_token_ids"], *base["token_ids"]]
+
+
+def cache_off_golden(llm, model: str, cases: list[Case] | None = None, progress=None, logits: dict | None = None) -> dict:
+    """Generate every case with the cache off, batch by batch, as the golden file records it.
+
+    ``logits``, when given, receives each case's per-step logits.
+    """
+    llm.reconfigure(model=model, enable_prefix_caching=False)
+    made_by = producer()
+    records: dict[str, dict] = {}
+    for batch in batches(cases or golden_cases()):
+        prompts = [case_prompt(case, records) for case in batch]
+        params = [SamplingParams(max_tokens=c.max_tokens, ignore_eos=True, return_logits=True) for c in batch]
+        for case, prompt, output in zip(batch, prompts, llm.generate(prompts, params), strict=True):
+            records[case.name] = {
+                "model": model,
+                "weight_checksum": llm.weight_checksum,
+                "block_size": case.block_size,
+                "batch": case.batch,
+                "prompt_token_ids": prompt,
+                "token_ids": output.token_ids,
+                "min_margin": min_margin(output.logits),
+                **made_by,
+            }
+            if logits is not None:
+                logits[case.name] = output.logits
+        if progress is not None:
+            progress(len(batch))
+    return {"model": model, "margin_threshold": MARGIN_THRESHOLD, "cases": records}
+
+
+def load_golden(model: str, weight_checksum: str | None = None) -> dict:
+    """Read and check ``golden/<model>.json`` against the case catalogue."""
+    path = golden_path(model)
+    try:
+        golden = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GoldenError(f"{path}: missing; run tools/regen") from None
+    except json.JSONDecodeError as error:
+        raise GoldenError(f"{path}: not valid JSON ({error}); run tools/regen") from None
+    if not isinstance(golden, dict) or not isinstance(golden.get("cases"), dict):
+        raise GoldenError(f"{path}: no 'cases' mapping")
+    records = golden["cases"]
+    for case in golden_cases():
+        record = records.get(case.name)
+        where = f"{path}: case {case.name!r}"
+        if not isinstance(record, dict):
+            raise GoldenError(f"{where}: missing")
+        _check_record(where, case, record, records, model, weight_checksum)
+    extra = set(records) - {case.name for case in golden_cases()}
+    if extra:
+        raise GoldenError(f"{path}: cases not in the catalogue: {sorted(extra)}")
+    return golden
+
+
+def _check_record(where: str, case: Case, record: dict, records: dict, model: str, checksum: str | None) -> None:
+    if record.get("model") != model:
+        raise GoldenError(f"{where}: model is {record.get('model')!r}, expected {model!r}")
+    if checksum is not None and record.get("weight_checksum") != checksum:
+        raise GoldenError(
+            f"{where}: weight checksum {record.get('weight_checksum')!r} differs from the model's {checksum!r}; "
+            "the model recipe changed: run tools/regen"
+        )
+    expected_prompt = case_prompt(case, records) if case.continues is None or case.continues in records else None
+    if record.get("prompt_token_ids") != expected_prompt:
+        raise GoldenError(f"{where}: prompt_token_ids differ from the catalogue's prompt (hand-edited?)")
+    tokens = record.get("token_ids")
+    if not isinstance(tokens, list) or len(tokens) != case.max_tokens or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t for t in tokens
+    ):
+        raise GoldenError(f"{where}: token_ids must be {case.max_tokens} non-negative integers, got {tokens!r}")
+    margin = record.get("min_margin")
+    if not isinstance(margin, float) or margin < MARGIN_THRESHOLD:
+        raise GoldenError(f"{where}: min_margin {margin!r} is below the threshold {MARGIN_THRESHOLD}")
