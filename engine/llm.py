@@ -233,8 +233,8 @@ class LLM:
                 f"a request of {total - 1} tokens needs {-(-(total - 1) // self.config.block_size)} blocks; "
                 f"the pool has num_kv_blocks={self.config.num_kv_blocks}"
             )
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops |= self._eos_token_ids

@@ -55,9 +55,10 @@ def test_a_request_larger_than_the_whole_pool_is_refused(llm):
     assert len(llm.generate([[1] * 40], greedy(max_tokens=8))[0].token_ids) == 8
 
 
-def test_bad_cache_salt_is_refused(llm):
-    with pytest.raises(ValueError, match="cache_salt must be a string, got 3"):
-        llm.generate([[1, 2, 3]], greedy(), cache_salt=[3])
+@pytest.mark.parametrize("salt", [3, ""])
+def test_bad_cache_salt_is_refused(llm, salt):
+    with pytest.raises(ValueError, match=f"cache_salt must be a non-empty string or None, got {salt!r}"):
+        llm.generate([[1, 2, 3]], greedy(), cache_salt=[salt])
 
 
 @pytest.mark.parametrize(

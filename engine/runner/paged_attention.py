@@ -5,6 +5,21 @@ of the first new token; an array gives one per row), ``update_and_fetch(keys, va
 (store the new K/V, return the K/V to attend over) and ``make_mask``. ``PagedLayerCache``
 writes the new tokens into the pool by slot and returns the context gathered through the
 block table, so mlx-lm's own layers do all the math for any architecture of that shape.
+
+Layout, chosen by measurement on MLX's CPU backend: each layer's K (and V) is one 2-D
+array of ``kv_heads * num_slots`` rows of ``head_dim``, head-major (row ``h * num_slots +
+slot``). A forward's write and its gather are then one scatter and one ``take`` of whole
+rows, through row indices computed once per forward and shared by every layer, and the
+gather lands directly in the ``[B, heads, K, D]`` order attention wants: no transpose copy.
+Gathering whole blocks of a ``[blocks, block_size, heads, D]`` pool and transposing the
+result measured 6x slower; the scatter updates the pool in place (MLX donates the buffer:
+the pool list holds the only reference).
+
+Decode rows also keep their context contiguous from step to step (``DecodeContext``), as
+mlx-lm's own caches do: re-gathering every row's whole context at every step was a
+memory-bound copy of the whole batch's K/V per layer, which cost more than the rest of
+the step. The pool stays the source of truth; the decode context is a copy that only
+ever appends, and is rebuilt from the pool for any row it cannot vouch for.
 """
 
 from dataclasses import dataclass
@@ -14,35 +29,34 @@ import numpy as np
 
 
 class KVPool:
-    """One K and one V array per layer, shaped ``[num_blocks, block_size, kv_heads, head_dim]``.
+    """One K and one V array per layer, ``[kv_heads * num_slots, head_dim]``, head-major.
 
-    The memory is sized in slots; ``reshape`` re-views the same slots with another block
-    size, so a reconfigured engine reuses its pool instead of asking for a second one.
+    The memory is sized in slots; a slot's rows do not depend on the block size, so
+    ``reshape`` re-views the same memory with another block size at no cost, and a
+    reconfigured engine reuses its pool instead of asking for a second one.
     """
 
     def __init__(self, num_layers: int, num_slots: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> None:
         if num_slots % block_size:
             raise ValueError(f"{num_slots} slots do not divide into blocks of {block_size}")
-        shape = (num_slots // block_size, block_size, kv_heads, head_dim)
+        self.num_slots = num_slots
+        self.block_size = block_size
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        shape = (kv_heads * num_slots, head_dim)
         self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         mx.eval(self.keys, self.values)
 
-    @property
-    def num_slots(self) -> int:
-        return self.keys[0].shape[0] * self.keys[0].shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.keys[0].shape[1]
-
     def reshape(self, block_size: int) -> None:
         if self.num_slots % block_size:
             raise ValueError(f"{self.num_slots} slots do not divide into blocks of {block_size}")
-        num_blocks = self.num_slots // block_size
-        for arrays in (self.keys, self.values):
-            for layer, array in enumerate(arrays):
-                arrays[layer] = array.reshape(num_blocks, block_size, *array.shape[2:])
+        self.block_size = block_size
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """Pool rows of ``slots`` (any shape ``S``), shaped ``[S[0], kv_heads, *S[1:]]``."""
+        heads = np.arange(self.kv_heads, dtype=np.int64).reshape(1, -1, *([1] * (slots.ndim - 1)))
+        return heads * self.num_slots + slots[:, None]
 
     def release(self) -> None:
         self.keys.clear()
@@ -57,11 +71,14 @@ class AttentionBatch:
     positions of its block table, which include its new tokens.
     """
 
-    slots: mx.array  # [B * L] pool slot of each new token, row-major
-    block_tables: mx.array  # [B, max_blocks] block ids, padded with any valid id
+    write_rows: mx.array  # [B * heads * L] pool row of each new (token, head), in [B, heads, L] order
+    read_rows: mx.array | None  # [B, heads, K] pool rows of each row's context, padded with valid rows
     offsets: mx.array | int  # RoPE position of each row's first new token
-    context_len: int  # K: positions gathered per row (the longest row's context)
-    mask: mx.array | str | None  # None, "causal" (aligned to the end), or bool [B, 1, L, K]
+    mask: mx.array | str | None  # None, "causal" (aligned to the end), or bool [B, 1, 1, K]
+    # Instead of read_rows: the rows' contexts kept in a DecodeContext (B rows, K positions).
+    context: "DecodeContext | None" = None
+    context_write_rows: mx.array | None = None  # like write_rows, in the context's arrays
+    context_len: int = 0
 
 
 def slots_for_positions(block_table: list[int], block_size: int, start: int, stop: int) -> np.ndarray:
@@ -70,40 +87,39 @@ def slots_for_positions(block_table: list[int], block_size: int, start: int, sto
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def prefill_batch(block_table: list[int], block_size: int, start_pos: int, num_tokens: int) -> AttentionBatch:
+def prefill_batch(pool: KVPool, block_table: list[int], start_pos: int, num_tokens: int) -> AttentionBatch:
     """One request's chunk: tokens ``start_pos .. start_pos + num_tokens`` over its cached prefix."""
-    context_len = start_pos + num_tokens
-    num_blocks = -(-context_len // block_size)
+    context = slots_for_positions(block_table, pool.block_size, 0, start_pos + num_tokens)[None]
     return AttentionBatch(
-        slots=mx.array(slots_for_positions(block_table, block_size, start_pos, context_len)),
-        block_tables=mx.array([block_table[:num_blocks]]),
+        write_rows=mx.array(pool.rows(context[:, start_pos:]).reshape(-1)),
+        read_rows=mx.array(pool.rows(context)),
         offsets=start_pos,
-        context_len=context_len,
         # The causal mask offset by the cached length; one new token sees everything.
         mask="causal" if num_tokens > 1 else None,
     )
 
 
-def decode_batch(block_tables: list[list[int]], block_size: int, positions: list[int]) -> AttentionBatch:
+def decode_batch(pool: KVPool, block_tables: list[list[int]], positions: list[int]) -> AttentionBatch:
     """One new token per row, at ``positions[b]``; shorter rows mask the padded keys."""
-    context_lens = np.asarray(positions) + 1
+    block_size = pool.block_size
+    context_lens = np.asarray(positions, dtype=np.int64) + 1
     context_len = int(context_lens.max())
     num_blocks = -(-context_len // block_size)
-    padded = np.zeros((len(block_tables), num_blocks), dtype=np.int64)
+    # Pad each table with its own first block: any valid block will do, the mask hides it.
+    padded = np.empty((len(block_tables), num_blocks), dtype=np.int64)
     for row, table in enumerate(block_tables):
         used = table[:num_blocks]
         padded[row, : len(used)] = used
-    slots = np.concatenate(
-        [slots_for_positions(table, block_size, pos, pos + 1) for table, pos in zip(block_tables, positions)]
-    )
+        padded[row, len(used) :] = used[0]
+    slots = (padded[:, :, None] * block_size + np.arange(block_size)).reshape(len(block_tables), -1)[:, :context_len]
+    new_slots = slots[np.arange(len(block_tables)), context_lens - 1][:, None]
     mask = None
     if (context_lens != context_len).any():
         mask = mx.array(np.arange(context_len)[None, :] < context_lens[:, None])[:, None, None, :]
     return AttentionBatch(
-        slots=mx.array(slots),
-        block_tables=mx.array(padded),
+        write_rows=mx.array(pool.rows(new_slots).reshape(-1)),
+        read_rows=mx.array(pool.rows(slots)),
         offsets=mx.array(np.asarray(positions)),
-        context_len=context_len,
         mask=mask,
     )
 
@@ -123,19 +139,175 @@ class PagedLayerCache:
         return self.batch.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return self._write_and_gather(self.pool.keys, keys), self._write_and_gather(self.pool.values, values)
+        context = self.batch.context
+        return (
+            self._write_and_gather(self.pool.keys, context.keys if context else None, keys),
+            self._write_and_gather(self.pool.values, context.values if context else None, values),
+        )
 
-    def _write_and_gather(self, arrays: list[mx.array], new: mx.array) -> mx.array:
+    def _write_and_gather(self, arrays: list[mx.array], context: list[mx.array] | None, new: mx.array) -> mx.array:
+        # new: [B, heads, L, D]; its rows in that order are batch.write_rows.
+        rows = new.reshape(-1, new.shape[-1])
         pool = arrays[self.layer]
-        num_blocks, block_size, kv_heads, head_dim = pool.shape
-        batch_size = new.shape[0]
-        # [B, heads, L, D] -> [B * L, heads, D], written at each new token's slot.
-        flat = pool.reshape(num_blocks * block_size, kv_heads, head_dim)
-        flat[self.batch.slots] = new.transpose(0, 2, 1, 3).reshape(-1, kv_heads, head_dim)
-        pool = flat.reshape(num_blocks, block_size, kv_heads, head_dim)
-        arrays[self.layer] = pool
-        # Gather whole blocks, cut to the context, back to [B, heads, K, D], contiguous:
-        # attention over a strided gather measured ~8x slower than over a copy.
-        context = pool[self.batch.block_tables].reshape(batch_size, -1, kv_heads, head_dim)
-        context = context[:, : self.batch.context_len].transpose(0, 2, 1, 3)
-        return mx.contiguous(context)
+        # In place: the Python object (still arrays[layer]) now holds the scatter's result,
+        # so the old buffer's only reference is the scatter's input, which MLX donates.
+        pool[self.batch.write_rows] = rows
+        if context is None:
+            # One take of whole rows, already in [B, heads, K, D] order and contiguous.
+            return mx.take(pool, self.batch.read_rows, axis=0)
+        kept = context[self.layer]
+        kept[self.batch.context_write_rows] = rows
+        return self.batch.context.view(kept, new.shape[0], self.batch.context_len)
+
+
+class DecodeContext:
+    """The contiguous K/V of the rows that decode together, kept from one step to the next.
+
+    Per layer, K and V are ``[capacity_rows * heads * capacity_len, head_dim]`` arrays;
+    live row ``i`` holds positions ``0 .. position`` of one request at rows
+    ``(i * heads + h) * capacity_len + k``, so a decode forward attends over the view
+    ``[:B, :, :K]`` without any copy, and writes only its new token (here and in the pool).
+
+    A row is known by the block holding its last position and that position: a request
+    that decoded at ``p`` in the previous decode forward comes back at ``p + 1`` with the
+    same block table prefix. Rows that do not come back leave (the last row moves into
+    the hole, so live rows stay ``0 .. B-1``); rows seen for the first time are filled
+    from the pool. Any other forward that writes into a block a row uses drops that row
+    (``forget_blocks``), so a row is never served from a stale copy.
+    """
+
+    GROW_LEN = 256  # positions added at a time, as mlx-lm's KVCache.step
+
+    def __init__(self, pool: KVPool, num_layers: int) -> None:
+        self.pool = pool
+        self.num_layers = num_layers
+        self.tables: list[list[int]] = []  # per live row: the blocks of positions 0 .. position
+        self.positions: list[int] = []  # per live row: the last position held
+        self.capacity_rows = 0
+        self.capacity_len = 0
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+
+    def view(self, kept: mx.array, num_rows: int, context_len: int) -> mx.array:
+        shape = (self.capacity_rows, self.pool.kv_heads, self.capacity_len, self.pool.head_dim)
+        return kept.reshape(shape)[:num_rows, :, :context_len]
+
+    def forget_blocks(self, blocks: set[int]) -> None:
+        """Drop the rows whose context uses any of ``blocks`` (written by another forward)."""
+        stale = [row for row, table in enumerate(self.tables) if not blocks.isdisjoint(table)]
+        self._remove(stale)
+
+    def prepare(self, block_tables: list[list[int]], positions: list[int]) -> tuple[list[int], AttentionBatch]:
+        """Place one new token per input row; return the rows' order in the context and the batch.
+
+        ``order[i]`` is the input row at context row ``i``.
+        """
+        block_size = self.pool.block_size
+        known = {(table[-1], position): row for row, (table, position) in enumerate(zip(self.tables, self.positions))}
+        placed: dict[int, int] = {}  # context row -> input row
+        for index, (table, position) in enumerate(zip(block_tables, positions)):
+            if position == 0:
+                continue
+            row = known.get((table[(position - 1) // block_size], position - 1))
+            if row is not None and row not in placed and table[: len(self.tables[row])] == self.tables[row]:
+                placed[row] = index
+        self._remove([row for row in range(len(self.tables)) if row not in placed], placed)
+        order = [placed[row] for row in range(len(self.tables))]
+        seen = set(order)
+        fresh = [index for index in range(len(block_tables)) if index not in seen]
+        context_len = max(positions) + 1
+        self._reserve(len(order) + len(fresh), context_len)
+        for index in fresh:
+            self._fill(len(self.tables), block_tables[index], positions[index])
+            order.append(index)
+        heads, capacity = self.pool.kv_heads, self.capacity_len
+        new_slots = []
+        context_rows = []
+        for row, index in enumerate(order):
+            table, position = block_tables[index], positions[index]
+            self.tables[row] = table[: position // block_size + 1]
+            self.positions[row] = position
+            new_slots.append(table[position // block_size] * block_size + position % block_size)
+            context_rows.append((row * heads + np.arange(heads)) * capacity + position)
+        lens = np.asarray([positions[index] for index in order]) + 1
+        mask = None
+        if (lens != context_len).any():
+            mask = mx.array(np.arange(context_len)[None, :] < lens[:, None])[:, None, None, :]
+        batch = AttentionBatch(
+            write_rows=mx.array(self.pool.rows(np.asarray(new_slots)[:, None]).reshape(-1)),
+            read_rows=None,
+            offsets=mx.array(lens - 1),
+            mask=mask,
+            context=self,
+            context_write_rows=mx.array(np.concatenate(context_rows)),
+            context_len=context_len,
+        )
+        return order, batch
+
+    def _remove(self, rows: list[int], placed: dict[int, int] | None = None) -> None:
+        """Drop ``rows``; the last live row moves into each hole (``placed`` follows it)."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.tables) - 1
+            if row != last:
+                self._move(last, row)
+                if placed is not None and last in placed:
+                    placed[row] = placed.pop(last)
+            self.tables[row] = self.tables[last]
+            self.positions[row] = self.positions[last]
+            self.tables.pop()
+            self.positions.pop()
+        if not self.tables:
+            self.keys, self.values = [], []
+            self.capacity_rows = self.capacity_len = 0
+
+    def _block_rows(self, row: int, length: int) -> np.ndarray:
+        """The context rows of positions ``0 .. length-1`` of context row ``row``, [heads * length]."""
+        heads = np.arange(self.pool.kv_heads)[:, None]
+        return ((row * self.pool.kv_heads + heads) * self.capacity_len + np.arange(length)).reshape(-1)
+
+    def _move(self, source: int, target: int) -> None:
+        length = self.positions[source] + 1
+        source_rows = mx.array(self._block_rows(source, length))
+        target_rows = mx.array(self._block_rows(target, length))
+        for arrays in (self.keys, self.values):
+            for layer, kept in enumerate(arrays):
+                # A take (a copy), not a slice (a view of the same buffer), so that the
+                # scatter can still update the buffer in place.
+                kept[target_rows] = mx.take(kept, source_rows, axis=0)
+
+    def _fill(self, row: int, table: list[int], position: int) -> None:
+        """Copy positions ``0 .. position-1`` of a new row from the pool."""
+        self.tables.append(table)
+        self.positions.append(position)
+        if position == 0:
+            return
+        slots = slots_for_positions(table, self.pool.block_size, 0, position)[None]
+        pool_rows = mx.array(self.pool.rows(slots).reshape(-1))
+        target_rows = mx.array(self._block_rows(row, position))
+        for arrays, pool_arrays in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
+            for layer, kept in enumerate(arrays):
+                kept[target_rows] = mx.take(pool_arrays[layer], pool_rows, axis=0)
+
+    def _reserve(self, num_rows: int, context_len: int) -> None:
+        """Grow the arrays (a copy, as mlx-lm's caches do) to hold the rows and positions."""
+        rows = self.capacity_rows
+        while rows < num_rows:
+            rows = max(8, 2 * rows)
+        length = self.capacity_len
+        if length < context_len:
+            length = -(-context_len // self.GROW_LEN) * self.GROW_LEN
+        if (rows, length) == (self.capacity_rows, self.capacity_len):
+            return
+        heads, dim = self.pool.kv_heads, self.pool.head_dim
+        dtype = self.pool.keys[0].dtype
+        for arrays in (self.keys, self.values):
+            if not arrays:
+                arrays.extend(mx.zeros((rows * heads * length, dim), dtype=dtype) for _ in range(self.num_layers))
+                continue
+            for layer, kept in enumerate(arrays):
+                grown = mx.pad(
+                    kept.reshape(self.capacity_rows, heads, self.capacity_len, dim),
+                    [(0, rows - self.capacity_rows), (0, 0), (0, length - self.capacity_len), (0, 0)],
+                )
+                arrays[layer] = grown.reshape(-1, dim)
+        self.capacity_rows, self.capacity_len = rows, length
