@@ -27,6 +27,7 @@ from hypothesis.stateful import (
 )
 
 from engine.kv import KVCacheManager
+from suites.run_summary import print_past_capture
 from suites.block_layer_oracle import REFERENCE_ROOT, BlockLayerOracle, reference_block_hash, snapshot
 
 STEPS = {"steps": 0, "runs": 0}
@@ -47,12 +48,7 @@ def report_step_count(request):
     yield
     line = f"block-layer state machine: {STEPS['steps']} steps in {STEPS['runs']} runs, "
     line += f"{time.perf_counter() - start:.1f} s"
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is None:
-        print(line)
-    else:
-        with capture.global_and_fixture_disabled():
-            print("\n" + line)
+    print_past_capture(request, line)
 
 
 class BlockLayerMachine(RuleBasedStateMachine):
