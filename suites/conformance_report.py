@@ -14,9 +14,14 @@ def logits_are_bit_exact_here() -> bool:
     An optimised BLAS (preloaded) or a GPU moves logits in the last bits; there tokens must
     still match exactly and the largest logit difference is reported instead.
     """
-    import mlx.core as mx
+    device = os.environ.get("ENGINE_DEVICE", "cpu").lower()
+    return device == "cpu" and "blas" not in os.environ.get("LD_PRELOAD", "").lower()
 
-    return mx.default_device() == mx.cpu and "blas" not in os.environ.get("LD_PRELOAD", "").lower()
+
+# Off a bit-exact backend, logits move by up to this much (measured on MLX's CUDA backend on
+# an H200: 0.0119 between cache-on and cache-off on the tiny models, see docs/CONFORMANCE.md;
+# 4x headroom). A near-tie closer than this may resolve either way there.
+NOISE_BOUND = 0.05
 
 
 @dataclass
@@ -27,6 +32,8 @@ class ConformanceReport:
     hit_rates: dict[str, list[int]] = field(default_factory=dict)  # label -> [hits, queries]
     largest_logit_difference: float = 0.0
     logit_comparisons: int = 0
+    steps_not_comparable: int = 0  # greedy steps after a near-tie, off a bit-exact backend
+    tests_not_applicable: int = 0  # bit-exact-only tests skipped on this backend
 
     def record_hit_rate(self, label: str, hits: int, queries: int) -> None:
         total = self.hit_rates.setdefault(label, [0, 0])
@@ -45,6 +52,8 @@ class ConformanceReport:
             self.record_hit_rate(label, hits, queries)
         self.largest_logit_difference = max(self.largest_logit_difference, other["largest_logit_difference"])
         self.logit_comparisons += other["logit_comparisons"]
+        self.steps_not_comparable += other["steps_not_comparable"]
+        self.tests_not_applicable += other["tests_not_applicable"]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +69,14 @@ class ConformanceReport:
             ),
             ("largest cache-on vs cache-off logit difference", f"{self.largest_logit_difference:.3g} over {self.logit_comparisons} comparisons"),
             ("logits compared", "bit for bit" if logits_are_bit_exact_here() else "tokens exact, logit difference reported"),
+            *(
+                [
+                    ("steps after a near-tie, not compared", str(self.steps_not_comparable)),
+                    ("bit-exact-only tests skipped here", str(self.tests_not_applicable)),
+                ]
+                if not logits_are_bit_exact_here()
+                else []
+            ),
             ("device", device),
             ("MLX", mlx_version),
         ]

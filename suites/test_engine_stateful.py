@@ -33,6 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from engine import SamplingParams
 from engine.sampling import sample_token
 from suites.conformance_report import REPORT, logits_are_bit_exact_here
+from suites.engine_helpers import comparable_steps
 from suites.prefix_oracle import kv_sequence, predicted_batch_hits
 from suites.run_summary import print_past_capture
 
@@ -159,13 +160,21 @@ class EngineMachine(RuleBasedStateMachine):
         dense = self.llm._model(mx.array([sequence]))[0, len(prompt) - 1 :]
         mx.eval(dense)
         dense = np.array(dense)
-        difference = float(np.abs(dense - output.logits).max())
-        REPORT.record_logit_difference(difference)
-        if logits_are_bit_exact_here():
-            assert difference == 0.0, f"logits differ from the dense reference by {difference}"
         seed = params.seed if params.seed is not None else 0
         expected = [sample_token(row, params, seed, step) for step, row in enumerate(dense)]
-        assert output.token_ids == expected
+        if logits_are_bit_exact_here():
+            REPORT.record_logit_difference(float(np.abs(dense - output.logits).max()))
+            np.testing.assert_array_equal(output.logits, dense)
+            assert output.token_ids == expected
+        elif params.greedy:
+            # Logits move in the last bits here: tokens must agree up to the first near-tie.
+            steps = comparable_steps(dense)
+            assert output.token_ids[:steps] == expected[:steps]
+            if steps:
+                REPORT.record_logit_difference(float(np.abs(dense[:steps] - output.logits[:steps]).max()))
+        else:
+            # A seeded draw turns on exact probabilities: comparable only where logits are exact.
+            REPORT.steps_not_comparable += len(expected)
 
     @rule(
         change=st.one_of(

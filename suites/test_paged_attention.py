@@ -16,7 +16,7 @@ from mlx_lm.models import llama, qwen3
 from engine.runner.model_runner import ChunkInput, ModelRunner, kv_geometry
 from engine.runner.paged_attention import KVPool
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.bit_exact]
 
 VOCAB = 256
 NUM_POOL_BLOCKS = 48
