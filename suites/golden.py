@@ -45,8 +45,14 @@ class GoldenExtension(JSONSnapshotExtension):
         return str(index)
 
 
+def golden_name(model: str) -> str:
+    """A model's name in its golden file: an embedded name as is, a folder by its last part
+    (so the golden of ``~/models/Qwen3-0.6B`` is ``<golden dir>/Qwen3-0.6B.json`` on every machine)."""
+    return Path(model).name
+
+
 def golden_path(model: str) -> Path:
-    return GOLDEN_DIR / f"{model}.json"
+    return GOLDEN_DIR / f"{golden_name(model)}.json"
 
 
 def serialize_golden(golden: dict) -> str:
@@ -85,7 +91,7 @@ def cache_off_golden(llm, model: str, cases: list[Case] | None = None, progress=
         params = [SamplingParams(max_tokens=c.max_tokens, ignore_eos=True, return_logits=True) for c in batch]
         for case, prompt, output in zip(batch, prompts, llm.generate(prompts, params), strict=True):
             records[case.name] = {
-                "model": model,
+                "model": golden_name(model),
                 "weight_checksum": llm.weight_checksum,
                 "block_size": case.block_size,
                 "batch": case.batch,
@@ -98,11 +104,13 @@ def cache_off_golden(llm, model: str, cases: list[Case] | None = None, progress=
                 logits[case.name] = output.logits
         if progress is not None:
             progress(len(batch))
-    return {"model": model, "margin_threshold": MARGIN_THRESHOLD, "cases": records}
+    return {"model": golden_name(model), "margin_threshold": MARGIN_THRESHOLD, "cases": records}
 
 
-def load_golden(model: str, weight_checksum: str | None = None) -> dict:
-    """Read and check ``golden/<model>.json`` against the case catalogue."""
+def load_golden(model: str, weight_checksum: str | None = None, cases: list[Case] | None = None) -> dict:
+    """Read and check ``golden/<model>.json`` against the case catalogue (default: the tiny
+    models' catalogue; ``suites/real_cases.py`` builds the one for real checkpoints)."""
+    cases = cases or golden_cases()
     path = golden_path(model)
     try:
         golden = json.loads(path.read_text())
@@ -113,21 +121,21 @@ def load_golden(model: str, weight_checksum: str | None = None) -> dict:
     if not isinstance(golden, dict) or not isinstance(golden.get("cases"), dict):
         raise GoldenError(f"{path}: no 'cases' mapping")
     records = golden["cases"]
-    for case in golden_cases():
+    for case in cases:
         record = records.get(case.name)
         where = f"{path}: case {case.name!r}"
         if not isinstance(record, dict):
             raise GoldenError(f"{where}: missing")
         _check_record(where, case, record, records, model, weight_checksum)
-    extra = set(records) - {case.name for case in golden_cases()}
+    extra = set(records) - {case.name for case in cases}
     if extra:
         raise GoldenError(f"{path}: cases not in the catalogue: {sorted(extra)}")
     return golden
 
 
 def _check_record(where: str, case: Case, record: dict, records: dict, model: str, checksum: str | None) -> None:
-    if record.get("model") != model:
-        raise GoldenError(f"{where}: model is {record.get('model')!r}, expected {model!r}")
+    if record.get("model") != golden_name(model):
+        raise GoldenError(f"{where}: model is {record.get('model')!r}, expected {golden_name(model)!r}")
     if checksum is not None and record.get("weight_checksum") != checksum:
         raise GoldenError(
             f"{where}: weight checksum {record.get('weight_checksum')!r} differs from the model's {checksum!r}; "

@@ -7,6 +7,7 @@ import pytest
 
 from engine import SamplingParams
 from suites import golden
+from suites.conformance_report import logits_are_bit_exact_here
 from suites.engine_helpers import counters, token_prompts
 from suites.golden_cases import BLOCK_SIZES, GOLDEN_MODELS, batches, golden_cases
 from suites.prefix_oracle import kv_sequence, predicted_batch_hits
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.model
 
 def same_producer(golden_file: dict) -> bool:
     """Whether this backend is the one that wrote the golden file (then compare everything)."""
+    if not logits_are_bit_exact_here():  # e.g. an optimised BLAS preloaded on the same machine
+        return False
     made_by = golden.producer()
     return all(record[key] == value for record in golden_file["cases"].values() for key, value in made_by.items())
 

@@ -269,11 +269,14 @@ class DecodeContext:
         length = self.positions[source] + 1
         source_rows = mx.array(self._block_rows(source, length))
         target_rows = mx.array(self._block_rows(target, length))
-        for arrays in (self.keys, self.values):
-            for layer, kept in enumerate(arrays):
-                # A take (a copy), not a slice (a view of the same buffer), so that the
-                # scatter can still update the buffer in place.
-                kept[target_rows] = mx.take(kept, source_rows, axis=0)
+        # Copy the row out first (a take, evaluated), so that nothing else holds the buffer
+        # when the scatter runs and MLX can update it in place; a lazy take or a slice
+        # (a view) of the same buffer made the scatter copy all of it.
+        arrays = [*self.keys, *self.values]
+        sources = [mx.take(kept, source_rows, axis=0) for kept in arrays]
+        mx.eval(sources)
+        for kept, source in zip(arrays, sources, strict=True):
+            kept[target_rows] = source
 
     def _fill(self, row: int, table: list[int], position: int) -> None:
         """Copy positions ``0 .. position-1`` of a new row from the pool."""
