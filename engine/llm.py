@@ -186,6 +186,9 @@ class LLM:
         config = fixed_config(path)
         overrides = {"rope_theta": config["rope_theta"]} if "rope_theta" in config else {}
         self._model, self.tokenizer = load(str(path), model_config=overrides)
+        if config.get("torch_dtype") in ("bfloat16", "float16"):
+            # mlx-lm keeps the stored dtype; a model declared in half precision runs in it.
+            self._model.set_dtype(getattr(mx, config["torch_dtype"]))
         self.model_name = model
         self.model_path: Path = path
         self.weight_checksum = weight_checksum(path)

@@ -49,11 +49,13 @@ class ModelSpec:
 
 
 def _config(model_type: str, architecture: str, rope_theta: float, *, hidden: int, layers: int,
-            heads: int, kv_heads: int, head_dim: int, intermediate: int) -> Mapping[str, Any]:
+            heads: int, kv_heads: int, head_dim: int, intermediate: int, vocab: int = 1024,
+            dtype: str = "float32") -> Mapping[str, Any]:
     config = {
         "model_type": model_type,
         "architectures": [architecture],
-        "torch_dtype": "float32",
+        # The weights are stored in float32; a "bfloat16" model is cast when loaded.
+        "torch_dtype": dtype,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
@@ -61,7 +63,7 @@ def _config(model_type: str, architecture: str, rope_theta: float, *, hidden: in
         "head_dim": head_dim,  # explicit: mlx-lm's qwen3 requires it
         "intermediate_size": intermediate,
         "hidden_act": "silu",
-        "vocab_size": 1024,  # the committed tokenizer's size
+        "vocab_size": vocab,  # 1024: the committed tokenizer's size
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         # Top level, not under rope_parameters: mlx-lm's llama ignores rope_parameters and
@@ -93,6 +95,15 @@ EMBEDDED_MODELS: dict[str, ModelSpec] = {
             _config("llama", "LlamaForCausalLM", 500_000.0, hidden=512, layers=8, heads=8,
                     kv_heads=4, head_dim=64, intermediate=2048),
             seed=7,
+        ),
+        # The seed benchmark's model shape (Qwen3-0.6B: 28 layers, hidden 1024, 16 heads, 8 KV
+        # heads, head dim 128, vocabulary 151936) with random weights, run in bfloat16: for
+        # benchmarks on a GPU only (about 0.6B parameters, 2.4 GB of float32 on disk).
+        ModelSpec(
+            "qwen3-0.6b-shape",
+            _config("qwen3", "Qwen3ForCausalLM", 1_000_000.0, hidden=1024, layers=28, heads=16,
+                    kv_heads=8, head_dim=128, intermediate=3072, vocab=151936, dtype="bfloat16"),
+            seed=11,
         ),
     )
 }
