@@ -1,19 +1,23 @@
 """Runs an mlx-lm architecture (qwen3, llama, ...) over the paged KV pool.
 
 Plan of a step, chosen for exactness: forwards run in schedule order; consecutive
-one-token rows (decodes) share one batched forward (L = 1, one row each), and every longer
-prefill chunk gets its own forward (B = 1, offset = start_pos). On MLX's CPU backend
-products are row-invariant, so this gives bit-identical logits whatever the batch.
+one-token rows (decodes) share one batched forward (L = 1, one row each), and consecutive
+prefill chunks of the same shape (same start_pos, same length: the suffixes after a shared
+cached prefix, typically) share one forward (B rows, offset = start_pos); any other chunk
+gets its own. On MLX's CPU backend products are row-invariant, so this gives bit-identical
+logits whatever the batch. Within a forward every row writes a layer's K/V before any row
+reads it back, so batching never hides a block from a row that hits it.
 Schedule order matters: a request may hit a block that an earlier chunk of the same step
 computes, so that chunk must have written it first.
 
 The first decode forward of a step attends over the rows' contexts kept contiguous from
-step to step (``DecodeContext``); any other forward gathers its context from the pool and
-makes the decode context forget the blocks it writes. Long prefill chunks run as forwards
-of at most ``max_prefill_tokens`` tokens: attention's softmax (a slow ``exp`` on MLX's CPU
-backend) is computed over the whole key range of a forward, masked or not, so shorter
-forwards skip part of the masked triangle. Each forward is evaluated before the next, so
-every pool write finds its buffer free to update in place.
+step to step (``DecodeContext``), and so does the last token of each prefill chunk; any
+other forward gathers its context from the pool and makes the decode context forget the
+blocks it writes. The rest of a prefill chunk runs as forwards of at most
+``max_prefill_tokens`` tokens whose last layer computes only K/V: attention's softmax (a
+slow ``exp`` on MLX's CPU backend) is computed over the whole key range of a forward,
+masked or not, so shorter forwards skip part of the masked triangle. Each forward is
+evaluated before the next, so every pool write finds its buffer free to update in place.
 """
 
 from dataclasses import dataclass
@@ -52,7 +56,7 @@ def kv_geometry(model: nn.Module) -> KVGeometry:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, pool: KVPool, max_prefill_tokens: int = 320) -> None:
+    def __init__(self, model: nn.Module, pool: KVPool, max_prefill_tokens: int = 160) -> None:
         self.model = model
         self.pool = pool
         self.max_prefill_tokens = max_prefill_tokens
@@ -64,9 +68,13 @@ class ModelRunner:
         start = 0
         first_decode = True
         while start < len(chunks):
-            if len(chunks[start].token_ids) > 1:
-                logits.append(self._forward_prefill(chunks[start]))
-                start += 1
+            shape = (chunks[start].start_pos, len(chunks[start].token_ids))
+            stop = start + 1
+            while stop < len(chunks) and (chunks[stop].start_pos, len(chunks[stop].token_ids)) == shape:
+                stop += 1
+            if shape[1] > 1:
+                logits.extend(self._forward_prefill(chunks[start:stop]))
+                start = stop
                 continue
             stop = start
             while stop < len(chunks) and len(chunks[stop].token_ids) == 1:
@@ -81,16 +89,30 @@ class ModelRunner:
         mx.eval(stacked)
         return list(np.array(stacked, copy=True))
 
-    def _forward_prefill(self, chunk: ChunkInput) -> mx.array:
-        tokens, start_pos = chunk.token_ids, chunk.start_pos
-        self._forget_written(chunk.block_table, start_pos, start_pos + len(tokens))
-        for offset in range(0, len(tokens), self.max_prefill_tokens):
-            piece = tokens[offset : offset + self.max_prefill_tokens]
-            batch = prefill_batch(self.pool, chunk.block_table, start_pos + offset, len(piece))
-            hidden = self._hidden(mx.array([piece]), batch)
-            logits = self._project(hidden[:, -1, :])[0]
-            self._evaluate(logits)
-        return logits
+    def _forward_prefill(self, chunks: list[ChunkInput]) -> list[mx.array]:
+        """Chunks of one shape, together, in two parts, as mlx-lm's batch generator does.
+
+        All tokens but the last only write their K/V, in pieces of at most
+        ``max_prefill_tokens`` positions: nothing reads their last layer's output, so MLX
+        never computes its attention and MLP. The last token of each chunk then runs as
+        a one-token row appended to the decode context: its logits, and its row ready to
+        decode at the next step.
+        """
+        start_pos, num_tokens = chunks[0].start_pos, len(chunks[0].token_ids)
+        tables = [chunk.block_table for chunk in chunks]
+        for table in tables:
+            self._forget_written(table, start_pos, start_pos + num_tokens)
+        last = num_tokens - 1
+        for offset in range(0, last, self.max_prefill_tokens):
+            stop = min(offset + self.max_prefill_tokens, last)
+            batch = prefill_batch(self.pool, tables, start_pos + offset, stop - offset)
+            self._hidden(mx.array([chunk.token_ids[offset:stop] for chunk in chunks]), batch)
+            self._evaluate()
+        batch = self.decode_context.append(tables, [start_pos + last] * len(chunks))
+        hidden = self._hidden(mx.array([chunk.token_ids[last:] for chunk in chunks]), batch)
+        logits = self._project(hidden[:, 0, :])
+        self._evaluate(logits)
+        return [logits[row] for row in range(len(chunks))]
 
     def _forward_decode(self, rows: list[ChunkInput]) -> list[mx.array]:
         for row in rows:
@@ -103,7 +125,6 @@ class ModelRunner:
 
     def _forward_decode_in_context(self, rows: list[ChunkInput]) -> list[mx.array]:
         order, batch = self.decode_context.prepare([row.block_table for row in rows], [row.start_pos for row in rows])
-        mx.eval(self.decode_context.keys, self.decode_context.values)  # moves and fills first
         hidden = self._hidden(mx.array([rows[index].token_ids for index in order]), batch)
         logits = self._project(hidden[:, 0, :])
         self._evaluate(logits)
@@ -116,8 +137,10 @@ class ModelRunner:
         block_size = self.pool.block_size
         self.decode_context.forget_blocks(set(block_table[start // block_size : (stop - 1) // block_size + 1]))
 
-    def _evaluate(self, logits: mx.array) -> None:
-        mx.eval(logits, self.pool.keys, self.pool.values, self.decode_context.keys, self.decode_context.values)
+    def _evaluate(self, logits: mx.array | None = None) -> None:
+        """Run the forward: its logits (if any) and its writes to the pool and the context."""
+        outputs = [self.pool.keys, self.pool.values, self.decode_context.keys, self.decode_context.values]
+        mx.eval(*outputs, *([] if logits is None else [logits]))
 
     def _hidden(self, inputs: mx.array, batch) -> mx.array:
         caches = [PagedLayerCache(self.pool, layer, batch) for layer in range(len(self.model.layers))]
