@@ -41,7 +41,9 @@ def ensure_blas(choice: str) -> None:
     has_openblas = any("openblas" in p for p in preloaded)
     library = find_openblas()
     if choice == "openblas" and library is None and not has_openblas:
-        sys.exit("--blas openblas: no libopenblas found (Debian/Ubuntu: apt-get install libopenblas0-pthread)")
+        sys.exit(
+            "--blas openblas: no libopenblas found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+        )
     if choice in ("openblas", "auto") and library is not None and not has_openblas:
         preloaded = [library, *preloaded]
     elif choice == "reference" and has_openblas:
@@ -63,8 +65,12 @@ def blas_in_use() -> str:
         return "accelerate"
 
     class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+        _fields_ = [
+            ("dli_fname", ctypes.c_char_p),
+            ("dli_fbase", ctypes.c_void_p),
+            ("dli_sname", ctypes.c_char_p),
+            ("dli_saddr", ctypes.c_void_p),
+        ]
 
     try:
         symbol = ctypes.CDLL(None).cblas_sgemm

@@ -33,7 +33,9 @@ class Workload:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_prompts % self.num_prefixes:
-            raise ValueError(f"num_prompts={self.num_prompts} is not a multiple of num_prefixes={self.num_prefixes}")
+            raise ValueError(
+                f"num_prompts={self.num_prompts} is not a multiple of num_prefixes={self.num_prefixes}"
+            )
 
     @property
     def prompt_len(self) -> int:
@@ -42,11 +44,14 @@ class Workload:
     def describe(self) -> str:
         return (
             f"{self.num_prefixes} prefix(es) x {self.prefix_len} tokens, {self.num_prompts} prompts with "
-            f"{self.suffix_len}-token suffixes, {self.output_len} output tokens, seed {self.seed}, all at once"
+            f"{self.suffix_len}-token suffixes, {self.output_len} output tokens, seed {self.seed}, "
+            "all at once"
         )
 
 
-def prefix_repetition_prompts(workload: Workload, vocab_size: int, special_ids: Collection[int] = ()) -> list[list[int]]:
+def prefix_repetition_prompts(
+    workload: Workload, vocab_size: int, special_ids: Collection[int] = ()
+) -> list[list[int]]:
     """The workload's prompts as token ids, never drawing a special token (e.g. end of text)."""
     rng = np.random.default_rng(workload.seed)
     allowed = np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, dtype=np.int64))
@@ -57,7 +62,9 @@ def prefix_repetition_prompts(workload: Workload, vocab_size: int, special_ids: 
     prompts = []
     for _ in range(workload.num_prefixes):
         prefix = draw(workload.prefix_len)
-        prompts += [prefix + draw(workload.suffix_len) for _ in range(workload.num_prompts // workload.num_prefixes)]
+        prompts += [
+            prefix + draw(workload.suffix_len) for _ in range(workload.num_prompts // workload.num_prefixes)
+        ]
     order = rng.permutation(len(prompts))
     return [prompts[index] for index in order]
 
@@ -71,7 +78,11 @@ def expected_hit_tokens(workload: Workload, block_size: int) -> tuple[int, int, 
     """
     per_prefix = workload.num_prompts // workload.num_prefixes
     max_hit = (workload.prompt_len - 1) // block_size * block_size
-    cold = workload.num_prefixes * (per_prefix - 1) * min(workload.prefix_len // block_size * block_size, max_hit)
+    cold = (
+        workload.num_prefixes
+        * (per_prefix - 1)
+        * min(workload.prefix_len // block_size * block_size, max_hit)
+    )
     return cold, workload.num_prompts * max_hit, workload.num_prompts * workload.prompt_len
 
 

@@ -124,7 +124,8 @@ class ModelRunner:
         return [logits[row] for row in range(len(rows))]
 
     def _forward_decode_in_context(self, rows: list[ChunkInput]) -> list[mx.array]:
-        order, batch = self.decode_context.prepare([row.block_table for row in rows], [row.start_pos for row in rows])
+        tables, positions = [row.block_table for row in rows], [row.start_pos for row in rows]
+        order, batch = self.decode_context.prepare(tables, positions)
         hidden = self._hidden(mx.array([rows[index].token_ids for index in order]), batch)
         logits = self._project(hidden[:, 0, :])
         self._evaluate(logits)
@@ -134,8 +135,8 @@ class ModelRunner:
         return by_input
 
     def _forget_written(self, block_table: list[int], start: int, stop: int) -> None:
-        block_size = self.pool.block_size
-        self.decode_context.forget_blocks(set(block_table[start // block_size : (stop - 1) // block_size + 1]))
+        first, last = start // self.pool.block_size, (stop - 1) // self.pool.block_size
+        self.decode_context.forget_blocks(set(block_table[first : last + 1]))
 
     def _evaluate(self, logits: mx.array | None = None) -> None:
         """Run the forward: its logits (if any) and its writes to the pool and the context."""

@@ -88,7 +88,9 @@ def slots_for_positions(block_table: list[int], block_size: int, start: int, sto
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def prefill_batch(pool: KVPool, block_tables: list[list[int]], start_pos: int, num_tokens: int) -> AttentionBatch:
+def prefill_batch(
+    pool: KVPool, block_tables: list[list[int]], start_pos: int, num_tokens: int
+) -> AttentionBatch:
     """Rows with the same chunk shape: tokens ``start_pos .. start_pos + num_tokens`` of each
     row, over its cached prefix (``block_tables[b]``)."""
     context = np.stack(
@@ -115,7 +117,8 @@ def decode_batch(pool: KVPool, block_tables: list[list[int]], positions: list[in
         used = table[:num_blocks]
         padded[row, : len(used)] = used
         padded[row, len(used) :] = used[0]
-    slots = (padded[:, :, None] * block_size + np.arange(block_size)).reshape(len(block_tables), -1)[:, :context_len]
+    slots = (padded[:, :, None] * block_size + np.arange(block_size)).reshape(len(block_tables), -1)
+    slots = slots[:, :context_len]
     new_slots = slots[np.arange(len(block_tables)), context_lens - 1][:, None]
     mask = None
     if (context_lens != context_len).any():
@@ -149,7 +152,9 @@ class PagedLayerCache:
             self._write_and_gather(self.pool.values, context.values if context else None, values),
         )
 
-    def _write_and_gather(self, arrays: list[mx.array], context: list[mx.array] | None, new: mx.array) -> mx.array:
+    def _write_and_gather(
+        self, arrays: list[mx.array], context: list[mx.array] | None, new: mx.array
+    ) -> mx.array:
         # new: [B, heads, L, D]; its rows in that order are batch.write_rows.
         rows = new.reshape(-1, new.shape[-1])
         pool = arrays[self.layer]
@@ -206,14 +211,18 @@ class DecodeContext:
         stale = [row for row, table in enumerate(self.tables) if not blocks.isdisjoint(table)]
         self._remove(stale)
 
-    def prepare(self, block_tables: list[list[int]], positions: list[int]) -> tuple[list[int], AttentionBatch]:
+    def prepare(
+        self, block_tables: list[list[int]], positions: list[int]
+    ) -> tuple[list[int], AttentionBatch]:
         """Place one new token per input row; return the rows' order in the context and the batch.
 
         The rows of the previous decode forward that are not among the inputs leave.
         ``order[i]`` is the input row at context row ``i``.
         """
         block_size = self.pool.block_size
-        known = {(table[-1], position): row for row, (table, position) in enumerate(zip(self.tables, self.positions))}
+        # The block holding each row's last position, and that position.
+        rows = enumerate(zip(self.tables, self.positions))
+        known = {(table[-1], position): row for row, (table, position) in rows}
         placed: dict[int, int] = {}  # context row -> input row
         for index, (table, position) in enumerate(zip(block_tables, positions)):
             if position == 0:
@@ -224,7 +233,8 @@ class DecodeContext:
         self._remove([row for row in range(len(self.tables)) if row not in placed], placed)
         order = [placed[row] for row in range(len(self.tables))]
         seen = set(order)
-        order += self._append([index for index in range(len(block_tables)) if index not in seen], block_tables, positions)
+        fresh = [index for index in range(len(block_tables)) if index not in seen]
+        order += self._append(fresh, block_tables, positions)
         return order, self._batch(0, [block_tables[i] for i in order], [positions[i] for i in order])
 
     def append(self, block_tables: list[list[int]], positions: list[int]) -> AttentionBatch:
@@ -337,7 +347,8 @@ class DecodeContext:
         dtype = self.pool.keys[0].dtype
         for arrays in (self.keys, self.values):
             if not arrays:
-                arrays.extend(mx.zeros((rows * heads * length, dim), dtype=dtype) for _ in range(self.num_layers))
+                shape = (rows * heads * length, dim)
+                arrays.extend(mx.zeros(shape, dtype=dtype) for _ in range(self.num_layers))
                 continue
             for layer, kept in enumerate(arrays):
                 grown = mx.pad(
