@@ -91,8 +91,10 @@ class OracleRequest:
 class BlockLayerOracle:
     """The rules of the block layer as a plain-Python model.
 
-    - Free queue: a list, next to evict first; freed blocks join at the end, a request's
-      blocks in reverse table order (tail first); a hit on a free block takes it out.
+    - Free queue: a list, next to evict first. A request's blocks are freed in reverse table
+      order (tail first): the cached ones join the end, those caching nothing go to the
+      front (in that order, ahead of the blocks already there); a hit on a free block takes
+      it out.
     - Allocation pops from the front; a popped block forgets what it cached (eviction).
     - Every full block is cached as soon as it is allocated for its last token.
     - A hit is the longest run of cached full blocks from the start, capped at
@@ -173,10 +175,15 @@ class BlockLayerOracle:
 
     def free(self, request_id: str) -> None:
         request = self.requests.pop(request_id)
+        uncached = []
         for block in reversed(request.blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self.free_queue.append(block)
+                if self.holds[block] is None:
+                    uncached.append(block)
+                else:
+                    self.free_queue.append(block)
+        self.free_queue[:0] = uncached
 
     def reset(self) -> bool:
         if self.num_used_blocks:

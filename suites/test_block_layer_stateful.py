@@ -27,8 +27,8 @@ from hypothesis.stateful import (
 )
 
 from engine.kv import KVCacheManager
-from suites.run_summary import print_past_capture
 from suites.block_layer_oracle import REFERENCE_ROOT, BlockLayerOracle, reference_block_hash, snapshot
+from suites.run_summary import print_past_capture
 
 STEPS = {"steps": 0, "runs": 0}
 
@@ -184,13 +184,20 @@ class BlockLayerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.oracle is not None)
     @invariant()
-    def free_queue_holds_exactly_the_unused_blocks_in_lru_order(self):
+    def free_queue_holds_exactly_the_unused_blocks_in_the_oracles_order(self):
         free = [block.block_id for block in self.manager.pool.free_queue]
         assert all(self.manager.pool.blocks[i].ref_count == 0 for i in free), "a block in use is free"
         assert free == self.oracle.free_queue
         pool = self.manager.pool
         assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks == self.oracle.num_blocks
         assert pool.num_free_blocks == len(self.oracle.free_queue)
+
+    @precondition(lambda self: self.oracle is not None)
+    @invariant()
+    def no_uncached_free_block_waits_behind_a_cached_one(self):
+        """So a cached prefix is evicted only when no uncached block is free."""
+        cached = [block.block_hash is not None for block in self.manager.pool.free_queue]
+        assert cached == sorted(cached), f"free queue {self.oracle.free_queue}, cached: {cached}"
 
     @precondition(lambda self: self.oracle is not None)
     @invariant()

@@ -1,4 +1,5 @@
-"""The free queue on its own: the links of its doubly linked list after every operation.
+"""The free queue: the links of its doubly linked list after every operation, and the order
+the pool keeps in it (uncached blocks at the head, cached ones at the tail).
 
 ``links`` reads the queue head to tail as (prev, block, next) ids, the sentinels named
 ``"head"`` and ``"tail"``, so one assertion pins every pointer of every free block; a block
@@ -7,7 +8,7 @@ that left the queue must hold no link at all, or a later insertion would splice 
 
 import pytest
 
-from engine.kv import FreeBlockQueue, KVBlock
+from engine.kv import BlockHash, BlockPool, FreeBlockQueue, KVBlock
 
 
 def make_queue(num_blocks):
@@ -65,6 +66,24 @@ def test_append_links_a_block_after_the_last_one():
     assert links(queue) == [("head", 1, 2), (1, 2, 0), (2, 0, "tail")]
 
 
+def test_appendleft_links_a_block_before_the_first_one():
+    queue, blocks = make_queue(3)
+    queue.remove(blocks[2])
+    queue.appendleft(blocks[2])
+    assert links(queue) == [("head", 2, 0), (2, 0, 1), (0, 1, "tail")]
+    assert queue.popleft() is blocks[2]
+
+
+def test_appendleft_and_append_into_an_empty_queue():
+    queue, blocks = make_queue(2)
+    queue.popleft()
+    queue.popleft()
+    queue.appendleft(blocks[1])
+    assert links(queue) == [("head", 1, "tail")]
+    queue.append(blocks[0])
+    assert links(queue) == [("head", 1, 0), (1, 0, "tail")]
+
+
 def test_popleft_returns_the_head_block_unlinked():
     queue, blocks = make_queue(2)
     assert queue.popleft() is blocks[0]
@@ -82,10 +101,11 @@ def test_popping_an_empty_queue_raises_and_leaves_it_empty():
     assert links(queue) == []
 
 
-def test_appending_a_free_block_again_is_refused_by_name():
+@pytest.mark.parametrize("insert", ["append", "appendleft"])
+def test_inserting_a_free_block_again_is_refused_by_name(insert):
     queue, blocks = make_queue(2)
     with pytest.raises(AssertionError, match=r"KVBlock\(id=1.*already free"):
-        queue.append(blocks[1])
+        getattr(queue, insert)(blocks[1])
     assert links(queue) == [("head", 0, 1), (0, 1, "tail")]
 
 
@@ -95,3 +115,14 @@ def test_removing_a_block_that_is_not_free_is_refused_by_name():
     with pytest.raises(AssertionError, match=r"KVBlock\(id=0.*is not free"):
         queue.remove(blocks[0])
     assert links(queue) == [("head", 1, "tail")]
+
+
+def test_the_pool_frees_uncached_blocks_to_the_head_in_the_order_given_and_cached_ones_to_the_tail():
+    pool = BlockPool(6)
+    blocks = pool.allocate(4)  # free queue: 4 5
+    for block in blocks[:2]:
+        pool.cache_block(block, BlockHash(bytes([block.block_id])), [block.block_id])
+    pool.free([blocks[3], blocks[1], blocks[2], blocks[0]])  # 1 and 0 cached
+    assert [block.block_id for block in pool.free_queue] == [3, 2, 4, 5, 1, 0]
+    assert [block.block_id for block in pool.allocate(4)] == [3, 2, 4, 5]
+    assert pool.num_evictions == 0

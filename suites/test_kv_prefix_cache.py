@@ -47,15 +47,15 @@ def test_second_request_hits_shared_blocks_with_ref_count_two():
     assert ref_counts(manager, [0, 1, 2, 3]) == [2, 2, 1, 1]
 
 
-def test_a_request_is_freed_tail_first_onto_the_end_of_the_free_queue():
+def test_a_request_is_freed_tail_first_cached_blocks_to_the_tail_uncached_to_the_head():
     manager = KVCacheManager(num_blocks=8, block_size=4)
-    allocate_prompt(manager, "a", run(100, 10))  # blocks 0 1 2
-    allocate_prompt(manager, "b", run(200, 6))  # blocks 3 4
+    allocate_prompt(manager, "a", run(100, 10))  # blocks 0 1 2; 0 and 1 cached
+    allocate_prompt(manager, "b", run(200, 6))  # blocks 3 4; 3 cached
     assert free_ids(manager) == (5, 6, 7)
     manager.free("a")
-    assert free_ids(manager) == (5, 6, 7, 2, 1, 0)
+    assert free_ids(manager) == (2, 5, 6, 7, 1, 0)
     manager.free("b")
-    assert free_ids(manager) == (5, 6, 7, 2, 1, 0, 4, 3)
+    assert free_ids(manager) == (4, 2, 5, 6, 7, 1, 0, 3)
 
 
 def test_eviction_takes_the_least_recently_freed_block_first():
@@ -64,9 +64,10 @@ def test_eviction_takes_the_least_recently_freed_block_first():
     allocate_prompt(manager, "new", run(200, 9))  # blocks 3 4 5; 3 and 4 cached
     manager.free("old")
     manager.free("new")
-    assert free_ids(manager) == (2, 1, 0, 5, 4, 3)
-    # The older request goes first, its chain tail (block 1) before its start (block 0).
-    assert allocate_prompt(manager, "x", run(300, 8)) == (0, [2, 1])
+    assert free_ids(manager) == (5, 2, 1, 0, 4, 3)
+    # The uncached blocks go first; then the older request, its chain tail (block 1)
+    # before its start (block 0).
+    assert allocate_prompt(manager, "x", run(300, 12)) == (0, [5, 2, 1])
     assert manager.get_computed_blocks("probe-old", run(100, 9))[1] == 4
     assert allocate_prompt(manager, "y", run(400, 1)) == (0, [0])
     assert manager.get_computed_blocks("probe-old-again", run(100, 9))[1] == 0
@@ -74,16 +75,31 @@ def test_eviction_takes_the_least_recently_freed_block_first():
     assert manager.pool.num_evictions == 2
 
 
+def test_a_cached_prefix_is_never_evicted_while_an_uncached_block_is_free():
+    """Issue 12. Were every freed block put at the tail, c would take block 0 and evict the
+    prefix, and d would hit nothing: (0, [1, 0])."""
+    manager = KVCacheManager(num_blocks=2, block_size=4)
+    assert allocate_prompt(manager, "a", [1, 2, 3, 4]) == (0, [0])  # block 0 cached
+    manager.free("a")
+    assert allocate_prompt(manager, "b", [7, 8, 9]) == (0, [1])  # a partial block: no hash
+    manager.free("b")  # block 1 goes to the head, ahead of the cached block 0
+    assert allocate_prompt(manager, "c", [5, 6])[0] == 0
+    manager.free("c")
+    assert allocate_prompt(manager, "d", [1, 2, 3, 4, 5]) == (4, [0, 1])
+    assert (manager.stats.requests, manager.stats.queries, manager.stats.hits) == (4, 14, 4)
+    assert manager.pool.num_evictions == 0
+
+
 def test_a_hit_takes_a_free_block_out_of_the_queue_and_refreeing_puts_it_at_the_tail():
     manager = KVCacheManager(num_blocks=6, block_size=4)
     allocate_prompt(manager, "a", run(100, 9))  # blocks 0 1 2
     manager.free("a")
-    assert free_ids(manager) == (3, 4, 5, 2, 1, 0)
-    assert allocate_prompt(manager, "b", run(100, 9)) == (8, [0, 1, 3])
-    assert free_ids(manager) == (4, 5, 2)
+    assert free_ids(manager) == (2, 3, 4, 5, 1, 0)
+    assert allocate_prompt(manager, "b", run(100, 9)) == (8, [0, 1, 2])
+    assert free_ids(manager) == (3, 4, 5)
     assert ref_counts(manager, [0, 1]) == [1, 1]
     manager.free("b")
-    assert free_ids(manager) == (4, 5, 2, 3, 1, 0)
+    assert free_ids(manager) == (2, 3, 4, 5, 1, 0)
 
 
 def test_a_shared_block_stays_in_use_until_its_last_user_frees_it():
@@ -92,23 +108,23 @@ def test_a_shared_block_stays_in_use_until_its_last_user_frees_it():
     allocate_prompt(manager, "a", prompt)  # blocks 0 1
     allocate_prompt(manager, "b", prompt)  # hits block 0, computes into block 2
     manager.free("a")
-    assert free_ids(manager) == (3, 1)
+    assert free_ids(manager) == (1, 3)
     assert ref_counts(manager, [0, 1, 2]) == [1, 0, 1]
     # Taking every free block evicts only free ones: block 0 still serves b's prefix.
-    assert allocate_prompt(manager, "c", run(900, 8)) == (0, [3, 1])
+    assert allocate_prompt(manager, "c", run(900, 8)) == (0, [1, 3])
     assert manager.get_computed_blocks("probe", prompt) == ([manager.pool.blocks[0]], 4)
 
 
 def test_hit_blocks_are_never_evicted_when_the_hit_request_needs_new_blocks():
     manager = KVCacheManager(num_blocks=4, block_size=4)
     allocate_prompt(manager, "a", run(100, 5))  # blocks 0 1; block 0 cached
-    manager.free("a")  # free queue 2 3 1 0
-    allocate_prompt(manager, "b", run(200, 12))  # takes 2 3 1
+    manager.free("a")  # free queue 1 2 3 0
+    allocate_prompt(manager, "b", run(200, 12))  # takes 1 2 3, caches all three
     manager.free("b")
     # Block 0, the only one holding the shared prefix, is now the least recently used.
-    assert free_ids(manager) == (0, 1, 3, 2)
+    assert free_ids(manager) == (0, 3, 2, 1)
     # Exactly full: one hit plus three new blocks. Evicting the head would evict the hit.
-    assert allocate_prompt(manager, "c", run(100, 4) + run(900, 9)) == (4, [0, 1, 3, 2])
+    assert allocate_prompt(manager, "c", run(100, 4) + run(900, 9)) == (4, [0, 3, 2, 1])
     assert manager.pool.blocks[0].block_hash is not None
     assert ref_counts(manager, [0, 1, 2, 3]) == [1, 1, 1, 1]
     assert manager.get_computed_blocks("probe", run(100, 5)) == ([manager.pool.blocks[0]], 4)
@@ -224,8 +240,8 @@ def test_two_requests_computing_the_same_block_both_cache_it_and_either_serves_a
     assert sorted(manager.pool.cached_blocks[block_hash]) == [0, 2]
     manager.free("a")
     manager.free("b")
-    assert free_ids(manager) == (4, 5, 1, 0, 3, 2)
-    allocate_prompt(manager, "x", run(900, 12))  # takes 4 5 1
+    assert free_ids(manager) == (3, 1, 4, 5, 0, 2)
+    allocate_prompt(manager, "x", run(900, 16))  # takes the uncached 3 1 4 5
     allocate_prompt(manager, "y", run(800, 1))  # takes 0: a's copy of the block is evicted
     assert list(manager.pool.cached_blocks[block_hash]) == [2]
     assert manager.get_computed_blocks("probe", prompt) == ([manager.pool.blocks[2]], 4)

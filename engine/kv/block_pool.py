@@ -26,9 +26,11 @@ class KVBlock:
 class FreeBlockQueue:
     """Free blocks as a doubly linked list with sentinels, so a hit removes one in O(1).
 
-    Order: the block to evict next is at the head. Freed blocks join at the tail, so the
-    head is the least recently used; a request's blocks are freed tail first, so among
-    blocks freed together the end of a chain is evicted before its start.
+    Order (kept by ``BlockPool.free``): the block to reuse next is at the head. Every free
+    block that holds no hash comes before every cached one, so a cached prefix is evicted
+    only when no uncached block is free; the cached ones run from least to most recently
+    used. A request's blocks are freed tail first, so among cached blocks freed together the
+    end of a chain is evicted before its start.
     """
 
     def __init__(self, blocks: Sequence[KVBlock]) -> None:
@@ -64,12 +66,18 @@ class FreeBlockQueue:
         self._length -= 1
 
     def append(self, block: KVBlock) -> None:
+        self._insert_after(self._tail.prev_free, block)
+
+    def appendleft(self, block: KVBlock) -> None:
+        self._insert_after(self._head, block)
+
+    def _insert_after(self, node: KVBlock, block: KVBlock) -> None:
         assert block.prev_free is None and block.next_free is None, f"{block} is already free"
-        last = self._tail.prev_free
-        last.next_free = block
-        block.prev_free = last
-        block.next_free = self._tail
-        self._tail.prev_free = block
+        following = node.next_free
+        node.next_free = block
+        block.prev_free = node
+        block.next_free = following
+        following.prev_free = block
         self._length += 1
 
 
@@ -134,12 +142,24 @@ class BlockPool:
         return allocated
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference from each block, in the order given; unused ones become free."""
+        """Drop one reference from each block; unused ones become free.
+
+        ``blocks`` come in eviction order, first to evict first. A cached block joins the
+        tail of the free queue; one that holds no hash can never serve a hit, so it joins
+        the head and is reused before any cached block (vLLM's order since its PR #42656).
+        """
+        uncached = []
         for block in blocks:
             assert block.ref_count > 0, f"double free of {block}"
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue.append(block)
+                if block.block_hash is None:
+                    uncached.append(block)
+                else:
+                    self.free_queue.append(block)
+        # Inserted at the head last one first, so the first given is the first reused.
+        for block in reversed(uncached):
+            self.free_queue.appendleft(block)
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash, token_ids: Sequence[int]) -> None:
         """Make a full block findable by its hash."""
