@@ -90,11 +90,13 @@ def pytest_collection_modifyitems(config, items):
     """Tests of bit-identical logits apply only where the backend can give them."""
     if not any("bit_exact" in item.keywords for item in items):
         return
-    from suites.conformance_report import REPORT, logits_are_bit_exact_here
+    from suites.conformance_report import REPORT
+    from suites.exactness import exactness
 
-    if logits_are_bit_exact_here():
+    mode = exactness()
+    if mode.bit_exact:
         return
-    skip = pytest.mark.skip(reason="logits are not bit-exact on this backend; the golden suites check tokens here")
+    skip = pytest.mark.skip(reason=f"not applicable: logits are not bit-exact here ({mode.evidence}); tokens are checked instead")
     for item in items:
         if "bit_exact" in item.keywords:
             item.add_marker(skip)

@@ -4,24 +4,9 @@ Tests record into the one ``REPORT`` of their process; under xdist each worker s
 report to the controller, which merges them before printing.
 """
 
-import os
 from dataclasses import asdict, dataclass, field
 
-
-def logits_are_bit_exact_here() -> bool:
-    """MLX's CPU device with its reference BLAS: cache-on logits must equal cache-off bit for bit.
-
-    An optimised BLAS (preloaded) or a GPU moves logits in the last bits; there tokens must
-    still match exactly and the largest logit difference is reported instead.
-    """
-    device = os.environ.get("ENGINE_DEVICE", "cpu").lower()
-    return device == "cpu" and "blas" not in os.environ.get("LD_PRELOAD", "").lower()
-
-
-# Off a bit-exact backend, logits move by up to this much (measured on MLX's CUDA backend on
-# an H200: 0.0119 between cache-on and cache-off on the tiny models, see docs/CONFORMANCE.md;
-# 4x headroom). A near-tie closer than this may resolve either way there.
-NOISE_BOUND = 0.05
+from suites.exactness import exactness
 
 
 @dataclass
@@ -58,7 +43,13 @@ class ConformanceReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def _largest_difference(self) -> str:
+        if not self.logit_comparisons:
+            return "no logits compared"
+        return f"{self.largest_logit_difference:.3g} over {self.logit_comparisons} comparisons"
+
     def lines(self, device: str, mlx_version: str) -> list[str]:
+        mode = exactness()
         rows = [
             ("rules checked", f"{self.rules_passed} passed, {self.rules_failed} failed"),
             ("golden cases compared", str(self.golden_cases)),
@@ -67,14 +58,16 @@ class ConformanceReport:
                 for label, (hits, queries) in sorted(self.hit_rates.items())
                 if queries
             ),
-            ("largest cache-on vs cache-off logit difference", f"{self.largest_logit_difference:.3g} over {self.logit_comparisons} comparisons"),
-            ("logits compared", "bit for bit" if logits_are_bit_exact_here() else "tokens exact, logit difference reported"),
+            ("largest cache-on vs cache-off logit difference", self._largest_difference()),
+            ("exactness mode", mode.mode),
+            ("why", mode.evidence),
+            ("logits compared", "bit for bit" if mode.bit_exact else "tokens exact up to the first near-tie, logit difference reported"),
             *(
                 [
                     ("steps after a near-tie, not compared", str(self.steps_not_comparable)),
                     ("bit-exact-only tests skipped here", str(self.tests_not_applicable)),
                 ]
-                if not logits_are_bit_exact_here()
+                if not mode.bit_exact
                 else []
             ),
             ("device", device),

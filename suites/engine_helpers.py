@@ -3,7 +3,8 @@
 import numpy as np
 
 from engine import SamplingParams
-from suites.conformance_report import NOISE_BOUND, REPORT, logits_are_bit_exact_here
+from suites.conformance_report import REPORT
+from suites.exactness import NOISE_BOUND, logits_are_bit_exact_here
 
 
 def token_prompts(seed: int, lengths: list[int], prefix: list[int] | None = None, vocab: int = 1024) -> list[list[int]]:

@@ -6,6 +6,7 @@ naming the file and the case.
 """
 
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from engine import SamplingParams
+from suites.exactness import NOISE_BOUND, exactness, model_shapes
 from suites.golden_cases import Case, batches, golden_cases
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -27,6 +29,17 @@ GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 # the CPU backend is held to bit-identical logits anyway. A larger threshold would refuse
 # one case in 60 on these random-weight models, whose logits often nearly tie.
 MARGIN_THRESHOLD = 1e-3
+
+# Where this machine's arithmetic differs from the producer's, a step's margin (top-1 minus
+# top-2) moves by at most twice the backend's logit noise: each of the two logits moves by
+# up to NOISE_BOUND.
+MARGIN_NOISE_BOUND = 2 * NOISE_BOUND
+
+# The transformers-vs-engine difference is a diagnostic of the machine (PyTorch's CPU kernels
+# differ between CPUs: 1.14e-5 on one x86-64, 1.34e-5 on another). It is never compared byte
+# for byte, only against a bound: on a bit-exact backend, a tenth of the margin threshold
+# (the threshold's justification needs that headroom); elsewhere the backend's noise.
+REFERENCE_BOUND_EXACT = MARGIN_THRESHOLD / 10
 
 
 class GoldenError(ValueError):
@@ -61,8 +74,60 @@ def serialize_golden(golden: dict) -> str:
 
 
 def producer() -> dict:
-    """What produced a golden file: the keys that must match for an exact comparison."""
-    return {"mlx_version": mx.__version__, "device": str(mx.default_device()), "machine": platform.machine()}
+    """What wrote a golden file. Informational, never compared, except ``arithmetic``: the
+    exactness probe's fingerprint of this device's arithmetic (suites/exactness.py)."""
+    return {
+        "arithmetic": exactness().fingerprint,
+        "mlx_version": mx.__version__,
+        "device": str(mx.default_device()),
+        "machine": platform.machine(),
+    }
+
+
+def model_exactness(llm):
+    """The exactness probe at the shapes of the model ``llm`` has loaded."""
+    return exactness(model_shapes(json.loads((Path(llm.model_path) / "config.json").read_text())))
+
+
+def same_arithmetic(golden: dict, llm) -> bool:
+    """Whether this run must reproduce the golden's bytes: the backend is measured bit-exact at
+    the model's shapes, and its arithmetic fingerprint equals the producer's (same kernels,
+    same bits; another CPU with the same kernels qualifies, another BLAS or a GPU does not)."""
+    made_by = golden.get("producer", {})
+    return model_exactness(llm).bit_exact and made_by.get("arithmetic") == exactness().fingerprint
+
+
+def golden_differences(committed: dict, fresh: dict, *, same_bytes: bool) -> list[str]:
+    """Where ``fresh`` (this machine's cache-off run) departs from the ``committed`` golden.
+
+    Compared exactly everywhere: the case set, prompts, tokens, model, weight checksum, block
+    size and batch. ``min_margin``: byte for byte where ``same_bytes``, else within
+    MARGIN_NOISE_BOUND. Never compared: the producer's description. The reference difference,
+    where ``fresh`` has one (tools/regen), against its bound. An empty list: the golden holds here.
+    """
+    problems = []
+    for key in ("model", "margin_threshold"):
+        if committed.get(key) != fresh.get(key):
+            problems.append(f"{key}: {committed.get(key)!r} -> {fresh.get(key)!r}")
+    old, new = committed["cases"], fresh["cases"]
+    problems += [f"{name}: only in the committed golden" for name in sorted(set(old) - set(new))]
+    problems += [f"{name}: not in the committed golden" for name in sorted(set(new) - set(old))]
+    for name in sorted(set(old) & set(new)):
+        before, after = old[name], new[name]
+        for key in sorted((set(before) | set(after)) - {"min_margin"}):
+            if before.get(key) != after.get(key):
+                problems.append(f"{name}: {key} {before.get(key)!r} -> {after.get(key)!r}")
+        margin_before, margin_after = before.get("min_margin"), after.get("min_margin")
+        if same_bytes and margin_before != margin_after:
+            problems.append(f"{name}: min_margin {margin_before!r} -> {margin_after!r} (same arithmetic: must be identical)")
+        elif not same_bytes and not abs(margin_before - margin_after) <= MARGIN_NOISE_BOUND:
+            problems.append(f"{name}: min_margin {margin_before!r} -> {margin_after!r}, beyond {MARGIN_NOISE_BOUND}")
+    if "reference_max_logit_difference" in fresh:
+        bound = REFERENCE_BOUND_EXACT if same_bytes else NOISE_BOUND
+        for reference, difference in fresh["reference_max_logit_difference"].items():
+            if not (math.isfinite(difference) and difference <= bound):
+                problems.append(f"reference difference {reference}: {difference:.3g} exceeds its bound {bound:.3g}")
+    return problems
 
 
 def min_margin(logits: np.ndarray) -> float:
@@ -84,7 +149,6 @@ def cache_off_golden(llm, model: str, cases: list[Case] | None = None, progress=
     ``logits``, when given, receives each case's per-step logits.
     """
     llm.reconfigure(model=model, enable_prefix_caching=False)
-    made_by = producer()
     records: dict[str, dict] = {}
     for batch in batches(cases or golden_cases()):
         prompts = [case_prompt(case, records) for case in batch]
@@ -98,13 +162,12 @@ def cache_off_golden(llm, model: str, cases: list[Case] | None = None, progress=
                 "prompt_token_ids": prompt,
                 "token_ids": output.token_ids,
                 "min_margin": min_margin(output.logits),
-                **made_by,
             }
             if logits is not None:
                 logits[case.name] = output.logits
         if progress is not None:
             progress(len(batch))
-    return {"model": golden_name(model), "margin_threshold": MARGIN_THRESHOLD, "cases": records}
+    return {"model": golden_name(model), "margin_threshold": MARGIN_THRESHOLD, "producer": producer(), "cases": records}
 
 
 def load_golden(model: str, weight_checksum: str | None = None, cases: list[Case] | None = None) -> dict:

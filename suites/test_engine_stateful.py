@@ -32,7 +32,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from engine import SamplingParams
 from engine.sampling import sample_token
-from suites.conformance_report import REPORT, logits_are_bit_exact_here
+from suites.conformance_report import REPORT
+from suites.exactness import logits_are_bit_exact_here
 from suites.engine_helpers import comparable_steps
 from suites.prefix_oracle import kv_sequence, predicted_batch_hits
 from suites.run_summary import print_past_capture

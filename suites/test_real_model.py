@@ -23,7 +23,6 @@ import pytest
 
 from engine import SamplingParams
 from suites import golden, smollm2
-from suites.conformance_report import logits_are_bit_exact_here
 from suites.engine_helpers import counters
 from suites.golden_cases import batches
 from suites.prefix_oracle import kv_sequence, predicted_batch_hits
@@ -99,27 +98,14 @@ def load_real_golden(llm, real_model: RealModel, cases) -> dict:
         pytest.fail(f"{error}\n(for this model: {real_model.regen_command()})", pytrace=False)
 
 
-def same_producer(golden_file: dict) -> bool:
-    """Whether this backend wrote the golden file and gives bit-exact logits (then compare everything)."""
-    if not logits_are_bit_exact_here():  # e.g. an optimised BLAS preloaded on the same machine
-        return False
-    made_by = golden.producer()
-    return all(record[key] == value for record in golden_file["cases"].values() for key, value in made_by.items())
-
-
 @real
 def test_real_cache_off_equals_golden(real_llm, real_model, conformance):
     cases = chat_catalogue(real_llm.tokenizer).cases
     committed = load_real_golden(real_llm, real_model, cases)
     fresh = golden.cache_off_golden(real_llm, real_model.path, cases)
     conformance.golden_cases += len(fresh["cases"])
-    if same_producer(committed):
-        # Same backend as tools/regen: every byte must match, margins included.
-        fresh["reference_max_logit_difference"] = committed["reference_max_logit_difference"]
-        assert fresh == committed
-    else:
-        for name, record in committed["cases"].items():
-            assert fresh["cases"][name]["token_ids"] == record["token_ids"], f"{name} (golden margin {record['min_margin']:.3g})"
+    same_bytes = golden.same_arithmetic(committed, real_llm)
+    assert golden.golden_differences(committed, fresh, same_bytes=same_bytes) == []
 
 
 @pytest.mark.parametrize(("block_size", "token_budget"), CACHE_ON_RUNS)
@@ -128,7 +114,8 @@ def test_real_cache_on_cold_and_warm_passes_equal_golden_with_exact_hits(
     real_llm, real_model, block_size, token_budget, conformance
 ):
     catalogue = chat_catalogue(real_llm.tokenizer)
-    records = load_real_golden(real_llm, real_model, catalogue.cases)["cases"]
+    committed = load_real_golden(real_llm, real_model, catalogue.cases)
+    records = committed["cases"]
     real_llm.reconfigure(block_size=block_size, num_kv_blocks=16384 // block_size, max_num_batched_tokens=token_budget)
     # Where the engine's own text path gives the catalogue's ids (it does for SmolLM2's and
     # Qwen3's tokenizers), the prompt goes in as text; otherwise (a tokenizer that adds a
@@ -139,7 +126,7 @@ def test_real_cache_on_cold_and_warm_passes_equal_golden_with_exact_hits(
     }
     if real_model.bundled:
         assert set(texts) == set(catalogue.texts), "SmolLM2's text path must give the catalogue's ids"
-    bit_exact = same_producer({"cases": records})
+    bit_exact = golden.same_arithmetic(committed, real_llm)
     cached: list[list[int]] = []
     for label in ("cold", "warm"):
         queries_before, hits_before = counters(real_llm)
