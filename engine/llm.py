@@ -104,23 +104,29 @@ class LLM:
         and leaves the engine exactly as it was. ``on_token(index, token_id)``, if given,
         is called as each token is sampled, with the prompt's index in ``prompts``
         (tools/bench takes its per-token timestamps there).
+
+        Any exception raised during the run (a forward, ``on_token``, KeyboardInterrupt)
+        aborts every request of the call and is raised again: no request stays queued and
+        every block is free (``Scheduler.abort`` says which cached prefixes survive). The
+        counters keep the lookups of the requests admitted before the failure, as for any
+        admission; requests never admitted are not counted.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         params = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         salts = self._per_prompt(cache_salt, len(prompts), "cache_salt")
         requests = [self._make_request(p, sp, s) for p, sp, s in zip(prompts, params, salts, strict=True)]
-        for request in requests:
-            self._scheduler.add(request)
         index_of = {request.request_id: index for index, request in enumerate(requests)}
         try:
+            for request in requests:
+                self._scheduler.add(request)
             while self._scheduler.has_unfinished():
                 sampled = self._step()
                 if on_token is not None:
                     for request in sampled:
                         on_token(index_of[request.request_id], request.token_ids[-1])
         except BaseException:
-            self._scheduler.abort_all()
+            self._scheduler.abort(requests)
             raise
         return [self._to_output(request) for request in requests]
 

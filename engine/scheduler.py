@@ -5,6 +5,7 @@ lives (through the KV-cache manager); the model runner computes them.
 """
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.kv import KVCacheManager
@@ -42,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # True from schedule() to finish_step(): the step's K/V may be only partly written.
+        self.step_in_flight = False
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -50,6 +53,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
+        self.step_in_flight = True
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
         preempted_this_step = False
@@ -95,13 +99,28 @@ class Scheduler:
                 self.running.remove(request)
                 self.kv.free(request.request_id)
                 finished.append(request)
+        self.step_in_flight = False
         return finished
 
-    def abort_all(self) -> None:
-        for request in self.running:
-            self.kv.free(request.request_id)
-        self.running.clear()
-        self.waiting.clear()
+    def abort(self, requests: Iterable[Request]) -> None:
+        """Drop ``requests`` wherever they are and free their blocks (their generate call failed).
+
+        Freed by id, not by queue: a failure inside ``schedule`` may leave a request
+        holding blocks that is not (yet) in ``running``. A step cut short, between ``schedule`` and
+        ``finish_step``, may have cached blocks whose K/V it never wrote (the manager caches
+        a block at the step that schedules its last token); the block layer cannot forget
+        single blocks, so the whole prefix cache is cleared then, and no later request can
+        hit a block that was never written. A failure between steps keeps the cache.
+        """
+        aborted = {request.request_id for request in requests}
+        for request_id in aborted:
+            self.kv.free(request_id)
+        self.waiting = deque(request for request in self.waiting if request.request_id not in aborted)
+        self.running = [request for request in self.running if request.request_id not in aborted]
+        if self.step_in_flight:
+            self.step_in_flight = False
+            cleared = self.kv.reset_prefix_cache()
+            assert cleared, f"blocks still in use after the abort: {self.kv.pool.num_used_blocks}"
 
     def _allocate(self, request: Request, num_new: int) -> bool:
         blocks = self.kv.allocate_slots(
