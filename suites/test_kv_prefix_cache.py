@@ -8,7 +8,7 @@ starts with its free queue in id order, so each placement below is determined by
 import pytest
 
 from engine.kv import KVCacheManager
-from suites.block_layer_oracle import free_ids, snapshot
+from suites.block_layer_oracle import free_ids, reference_chain, snapshot
 
 
 def allocate_prompt(manager, request_id, tokens, salt=None):
@@ -29,6 +29,10 @@ def decode(manager, request_id, tokens):
 
 def ref_counts(manager, block_ids):
     return [manager.pool.blocks[i].ref_count for i in block_ids]
+
+
+def block_hashes(manager, request_id):
+    return [block.block_hash for block in manager.blocks_of(request_id)]
 
 
 def cached_ids(manager):
@@ -156,6 +160,23 @@ def test_decode_fills_a_block_and_caches_it_once_full():
     assert cached_ids(manager) == [0, 1]
 
 
+def test_a_second_chunk_extends_the_block_table_and_caches_the_blocks_it_fills():
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = run(100, 14)
+    expected = reference_chain("sha256", tokens, 4, "s")  # blocks 0 1 2 of the whole prompt
+    first = manager.allocate_slots("a", tokens, 6, 0, cache_salt="s")
+    assert [block.block_id for block in first] == [0, 1]
+    assert block_hashes(manager, "a") == [expected[0], None]
+    second = manager.allocate_slots("a", tokens, 8, 6, cache_salt="s")
+    assert [block.block_id for block in second] == [2, 3]
+    assert manager.block_table("a") == [0, 1, 2, 3]
+    assert block_hashes(manager, "a") == [*expected, None]
+    assert [block.token_ids for block in manager.blocks_of("a")[:3]] == [
+        tuple(tokens[start : start + 4]) for start in (0, 4, 8)
+    ]
+    assert manager.get_computed_blocks("probe", tokens + [0], "s")[1] == 12
+
+
 @pytest.mark.parametrize("num_tokens", range(1, 14))
 def test_a_prompt_of_n_tokens_hits_at_most_floor_n_minus_one_over_block_size_blocks(num_tokens):
     manager = KVCacheManager(num_blocks=16, block_size=4)
@@ -245,6 +266,22 @@ def test_two_requests_computing_the_same_block_both_cache_it_and_either_serves_a
     allocate_prompt(manager, "y", run(800, 1))  # takes 0: a's copy of the block is evicted
     assert list(manager.pool.cached_blocks[block_hash]) == [2]
     assert manager.get_computed_blocks("probe", prompt) == ([manager.pool.blocks[2]], 4)
+
+
+def test_of_several_cached_blocks_with_one_hash_the_first_cached_serves_a_hit():
+    """Not the lowest id, not the most recent copy, not the one already in use: the first."""
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    prompt = run(100, 5)
+    allocate_prompt(manager, "x", run(900, 5))  # blocks 0 1, so the first copy gets id 2
+    manager.allocate_slots("a", prompt, 5, 0)  # blocks 2 3: block 2 caches the prompt's block
+    manager.free("x")  # free queue 1 4 5 6 7 0
+    manager.allocate_slots("b", prompt, 5, 0)  # blocks 1 4: block 1 caches it again
+    (block_hash,) = {manager.pool.blocks[i].block_hash for i in (1, 2)}
+    assert list(manager.pool.cached_blocks[block_hash]) == [2, 1]
+    assert manager.get_computed_blocks("probe", prompt)[0] == [manager.pool.blocks[2]]
+    manager.free("a")  # block 2 is free now, block 1 still in use by b
+    assert allocate_prompt(manager, "c", prompt) == (4, [2, 3])
+    assert ref_counts(manager, [1, 2]) == [1, 1]
 
 
 def test_a_hash_collision_with_different_tokens_is_a_miss():

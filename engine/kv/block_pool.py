@@ -95,7 +95,7 @@ class BlockPool:
         self.blocks = [KVBlock(block_id=i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         # Two requests may compute the same block before either is cached, so one hash
-        # can map to several blocks; any of them serves a hit.
+        # can map to several blocks, kept in the order they were cached.
         self.cached_blocks: dict[BlockHash, dict[int, KVBlock]] = {}
         self.num_evictions = 0
 
@@ -112,7 +112,7 @@ class BlockPool:
         return self.num_blocks - self.num_free_blocks
 
     def get_cached_block(self, block_hash: BlockHash, token_ids: Sequence[int]) -> KVBlock | None:
-        """A cached block with this hash that holds exactly ``token_ids``, or None."""
+        """The first cached block with this hash, if it holds exactly ``token_ids``; else None."""
         candidates = self.cached_blocks.get(block_hash)
         if not candidates:
             return None
