@@ -42,6 +42,13 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     def append_output(self, token_id: int) -> None:
+        """Add a sampled token; a stop token or the ``max_tokens``-th token finishes the request.
+
+        A stop token (the caller's ``stop_token_ids``, and the model's end-of-text unless
+        ``ignore_eos``) is kept as the last output token, as in vLLM's token ids, with
+        finish reason "stop", also when it is the ``max_tokens``-th; otherwise that one
+        finishes the request with "length".
+        """
         self.token_ids.append(token_id)
         if token_id in self.stop_token_ids:
             self.finish_reason = "stop"
