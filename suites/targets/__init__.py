@@ -1,0 +1,1 @@
+"""Targets: the engines the conformance rules run against (``pytest --target NAME``)."""
