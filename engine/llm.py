@@ -23,13 +23,15 @@ from engine.scheduler import ScheduledChunk, Scheduler
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    block_size: int
-    num_kv_blocks: int
-    enable_prefix_caching: bool
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    hash_algorithm: str
+    """Every engine setting, with its default: the one place defaults are written."""
+
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 4096
+    hash_algorithm: str = "sha256"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -39,6 +41,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hash_algorithm not in HASH_FUNCTIONS:
             raise ValueError(f"unknown hash_algorithm {self.hash_algorithm!r}; choose from {sorted(HASH_FUNCTIONS)}")
+
+
+DEFAULT_MODEL = "tiny-qwen3"
+_DEFAULTS = EngineConfig()
 
 
 class LLM:
@@ -52,14 +58,14 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "tiny-qwen3",
-        block_size: int = 16,
-        num_kv_blocks: int = 2048,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 8,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int = 4096,
-        hash_algorithm: str = "sha256",
+        model: str = DEFAULT_MODEL,
+        block_size: int = _DEFAULTS.block_size,
+        num_kv_blocks: int = _DEFAULTS.num_kv_blocks,
+        enable_prefix_caching: bool = _DEFAULTS.enable_prefix_caching,
+        max_num_seqs: int = _DEFAULTS.max_num_seqs,
+        max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
+        max_model_len: int = _DEFAULTS.max_model_len,
+        hash_algorithm: str = _DEFAULTS.hash_algorithm,
         device: str | None = None,
     ) -> None:
         self.config = EngineConfig(
