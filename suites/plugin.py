@@ -32,6 +32,10 @@ def pytest_addoption(parser):
                     help="openai target: the same server started with its prefix cache off (the cache-off reference)")
     group.addoption("--target-block-size", type=int, default=None,
                     help="openai target: the server's block size (vLLM: its --block-size, 16 by default)")
+    group.addoption("--conformance-json", metavar="PATH", default=None,
+                    help="write the conformance report as JSON (schema: docs/CONFORMANCE.md)")
+    group.addoption("--conformance-markdown", metavar="PATH", default=None,
+                    help="write the report as Markdown (also appended to $GITHUB_STEP_SUMMARY when it is set)")
 
 
 def pytest_configure(config):
@@ -168,10 +172,14 @@ def prompt_source(request):
 
 
 @pytest.fixture
-def scenario(target, prompt_source):
+def scenario(request, target, prompt_source):
+    """A rule's run on the target; the hits it predicted and observed travel with the test's
+    report (``user_properties``, which xdist hands to the controller) into the JSON report."""
     from suites.targets.scenario import Scenario
 
-    return Scenario(target, prompt_source)
+    hits: list = []
+    request.node.user_properties.append(("hits", hits))
+    return Scenario(target, prompt_source, hits)
 
 
 # -- the report -----------------------------------------------------------------------
@@ -199,9 +207,22 @@ def pytest_testnodedown(node, error):
 def pytest_terminal_summary(terminalreporter, config):
     if hasattr(config, "workeroutput") or not REPORT.outcomes_counted():
         return
+    import json
+    import os
+    from pathlib import Path
+
     import mlx.core as mx
 
+    device, version = str(mx.default_device()), mx.__version__
     terminalreporter.section("conformance report")
-    for line in REPORT.lines(str(mx.default_device()), mx.__version__):
+    for line in REPORT.lines(device, version):
         terminalreporter.write_line(line)
+    if config.getoption("--conformance-json"):
+        path = Path(config.getoption("--conformance-json"))
+        path.write_text(json.dumps(REPORT.as_json(device, version), indent=2, sort_keys=True) + "\n")
+        terminalreporter.write_line(f"conformance report written to {path}")
+    markdown_paths = [config.getoption("--conformance-markdown"), os.environ.get("GITHUB_STEP_SUMMARY")]
+    for place in filter(None, markdown_paths):
+        with open(place, "a" if place == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as out:
+            out.write(REPORT.as_markdown(device, version))
 

@@ -122,6 +122,7 @@ def test_concurrent_requests_sharing_a_prefix_equal_cache_off_and_then_hit_exact
     assert [c.token_ids for c in together] == references
     expected = [scenario.expected_hit(prompt) for prompt in batch]
     again = scenario.run(batch, MAX_TOKENS)
+    scenario.record_hits(batch, expected, again)
     assert all(hit > 0 for hit in expected)
     assert [c.cached_tokens for c in again] == expected
     assert [c.token_ids for c in again] == references

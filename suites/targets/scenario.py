@@ -61,11 +61,12 @@ class PromptSource:
 class Scenario:
     """A rule's run on a target: requests in order, with the hits the declared rules predict."""
 
-    def __init__(self, target: Target, prompts: PromptSource) -> None:
+    def __init__(self, target: Target, prompts: PromptSource, hits: list | None = None) -> None:
         self.target = target
         self.prompts = prompts
         self.capabilities: Capabilities = target.capabilities
         self.cached: list[list[int]] = []  # KV sequences this scenario left in the target's cache
+        self.hits = hits if hits is not None else []  # (expected, observed) per request, for the report
 
     def expected_hit(self, prompt: list[int]) -> int:
         return self.capabilities.expected_hit(prompt, self.cached)
@@ -80,4 +81,9 @@ class Scenario:
         """One request; returns its completion and the hit the oracle predicted for it."""
         expected = self.expected_hit(prompt)
         (completion,) = self.run([prompt], max_tokens, cache_salt)
+        self.record_hits([prompt], [expected], [completion])
         return completion, expected
+
+    def record_hits(self, prompts: list[list[int]], expected: list[int], completions: list[Completion]) -> None:
+        for prompt, hit, completion in zip(prompts, expected, completions, strict=True):
+            self.hits.append({"prompt_tokens": len(prompt), "expected": hit, "observed": completion.cached_tokens})
