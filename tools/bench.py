@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Prefix caching on vs off vs mlx-lm's BatchGenerator, on the prefix-repetition workload.
 
 One process measures three sides on the same model and the same prompts: the engine with
@@ -30,11 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_blas import blas_in_use, ensure_blas  # noqa: E402
-from bench_workload import (  # noqa: E402
+from tools.bench_blas import blas_in_use, ensure_blas
+from tools.bench_workload import (
     METRICS,
     Workload,
     expected_hit_tokens,
@@ -46,7 +42,9 @@ from bench_workload import (  # noqa: E402
 
 SIDES = ("cache_off", "cache_on", "mlx_lm")
 SIDE_LABELS = {"cache_off": "cache off", "cache_on": "cache on", "mlx_lm": "mlx-lm"}
-QUICK = dict(model="tiny-llama", repeats=2, prefix_len=256, suffix_len=64, num_prompts=16, output_len=32)
+QUICK = {
+    "model": "tiny-llama", "repeats": 2, "prefix_len": 256, "suffix_len": 64, "num_prompts": 16, "output_len": 32,
+}
 # mlx-lm's own defaults for these two; its completion_batch_size follows --max-num-seqs, so that
 # both sides may run every request of the workload at once.
 MLX_LM_PREFILL_BATCH_SIZE = 8
@@ -120,7 +118,7 @@ def num_parameters(model_dir: Path) -> int:
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, framework="numpy") as tensors:
-            total += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+            total += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors)
     return total
 
 
@@ -141,13 +139,13 @@ def run(args) -> dict:
     )
     blocks_per_request = -(-(workload.prompt_len + workload.output_len) // args.block_size)
     num_kv_blocks = args.num_kv_blocks or workload.num_prompts * blocks_per_request + 64
-    engine_settings = dict(
-        block_size=args.block_size,
-        num_kv_blocks=num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max(4096, workload.prompt_len + workload.output_len),
-    )
+    engine_settings = {
+        "block_size": args.block_size,
+        "num_kv_blocks": num_kv_blocks,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": max(4096, workload.prompt_len + workload.output_len),
+    }
     started = time.perf_counter()
     llm = LLM(model=args.model, enable_prefix_caching=False, device=args.device, **engine_settings)
     peer_model = load_peer_model(llm.model_path) if "mlx_lm" in args.sides else None
@@ -483,7 +481,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_blas(args.blas)
     result = run(args)

@@ -12,7 +12,6 @@ import ctypes.util
 import glob
 import os
 import sys
-from pathlib import Path
 
 REEXEC_MARKER = "ENGINE_BENCH_BLAS_REEXEC"
 
@@ -51,7 +50,8 @@ def ensure_blas(choice: str) -> None:
     else:
         return
     env = dict(os.environ, LD_PRELOAD=":".join(preloaded), **{REEXEC_MARKER: "1"})
-    os.execve(sys.executable, [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:]], env)
+    # sys.orig_argv repeats the command as typed: a script path, `-m tools.bench` or a console script.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def blas_in_use() -> str:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Where a forward's time goes: the MLX operations of one prefill and one decode forward.
 
 cProfile (``tools/bench --profile``) sees only Python: the scheduler, the block manager and
@@ -17,10 +16,6 @@ on a busy machine, compare rows with one another, not with another run.
 import argparse
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def timed(function, repeats: int) -> float:
@@ -34,7 +29,7 @@ def timed(function, repeats: int) -> float:
     return best * 1000
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bench-llama")
     parser.add_argument("--prompt-len", type=int, default=640, help="new tokens of the prefill forward")
@@ -45,13 +40,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--blas", choices=("auto", "openblas", "reference"), default="auto")
     args = parser.parse_args(argv)
 
-    from bench_blas import blas_in_use, ensure_blas
+    from tools.bench_blas import blas_in_use, ensure_blas
 
     ensure_blas(args.blas)
 
     import mlx.core as mx
-    import mlx.nn as nn
     import numpy as np
+    from mlx import nn
 
     from engine import LLM
     from engine.runner.model_runner import ChunkInput, kv_geometry

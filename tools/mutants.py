@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Mutation testing of the conformance suites: does every catalogued fault get caught?
 
 A conformance suite is worth the faults it catches. Each entry of ``CATALOGUE`` below is a

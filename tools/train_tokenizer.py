@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Train the shared byte-level BPE tokenizer once and write it to engine/tokenizer/.
 
 This is a one-off: the output files are committed, and engine.models only copies them,
