@@ -177,6 +177,21 @@ def test_a_second_chunk_extends_the_block_table_and_caches_the_blocks_it_fills()
     assert manager.get_computed_blocks("probe", tokens + [0], "s")[1] == 12
 
 
+def test_a_request_recomputed_after_preemption_caches_its_blocks_again():
+    """Kills ``cached-count-kept-across-preemption``: the scheduler re-admits a preempted
+    request under the same id; blocks it fills afterwards must be cached as usual (outputs
+    stay right either way; only later hits silently drop)."""
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(100, 106))
+    assert manager.admit("r", tokens, token_budget=64) == 0  # blocks 0 1; block 0 cached
+    manager.free("r")  # preempted
+    assert manager.admit("r", tokens, token_budget=64) == 4  # hits its own block 0
+    for token in (106, 107):  # two decode steps fill block 1
+        tokens.append(token)
+        manager.allocate_slots("r", tokens, 1, len(tokens) - 1)
+    assert manager.get_computed_blocks("probe", tokens + [0])[1] == 8
+
+
 @pytest.mark.parametrize("num_tokens", range(1, 14))
 def test_a_prompt_of_n_tokens_hits_at_most_floor_n_minus_one_over_block_size_blocks(num_tokens):
     manager = KVCacheManager(num_blocks=16, block_size=4)
@@ -290,6 +305,20 @@ def test_a_hash_collision_with_different_tokens_is_a_miss():
     allocate_prompt(manager, "a", run(100, 5))
     assert allocate_prompt(manager, "b", run(200, 5)) == (0, [2, 3])
     assert allocate_prompt(manager, "c", run(100, 5))[0] == 4  # equal tokens still hit
+
+
+def test_a_lookup_stops_at_the_first_block_that_misses():
+    """Kills ``hit-run-not-contiguous``. With chained hashes and tail-first eviction a miss is
+    never followed by a cached block, except where a hash collision turns a cached block into
+    a miss. Every block hashes alike here, so the lookup of [W, X, ...] finds block 0
+    (holding X) as a candidate for both of its blocks: W's is a miss (tokens differ), X's a
+    token match, but at the wrong position after a miss."""
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    manager.hash_function = lambda data: b"\x00" * 32
+    x, y, w = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    manager.get_computed_blocks("a", x + y + [0])
+    manager.allocate_slots("a", x + y + [0], 9, 0)  # blocks 0 (x) and 1 (y) cached
+    assert manager.get_computed_blocks("probe", w + x + [0]) == ([], 0)
 
 
 def test_reset_is_refused_while_any_block_is_in_use():

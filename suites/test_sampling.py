@@ -1,4 +1,5 @@
-"""A seeded request samples the same tokens with the cache on or off, alone or in any batch."""
+"""A seeded request samples the same tokens with the cache on or off, alone or in any batch;
+a request without a seed draws its own numbers."""
 
 import pytest
 
@@ -40,3 +41,11 @@ def test_sampling_actually_samples(llm):
     (greedy,) = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))
     assert len({tuple(o.token_ids) for o in outputs}) > 1
     assert any(o.token_ids != greedy.token_ids for o in outputs)
+
+
+def test_requests_without_a_seed_draw_independently(llm):
+    """Kills ``unseeded-requests-share-seed``: four unseeded requests, one prompt; each gets a
+    fresh seed."""
+    prompt = token_prompts(83, [20])[0]
+    outputs = llm.generate([prompt] * 4, SamplingParams(max_tokens=24, temperature=1.5, ignore_eos=True))
+    assert len({tuple(o.token_ids) for o in outputs}) > 1

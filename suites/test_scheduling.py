@@ -1,4 +1,5 @@
-"""Chunked prefill, continuous batching and preemption never change what a request outputs."""
+"""Chunked prefill, continuous batching and preemption never change what a request outputs,
+and the step's token budget bounds what each step schedules, admissions included."""
 
 import pytest
 
@@ -6,6 +7,25 @@ from engine import SamplingParams
 from suites.engine_helpers import assert_same_outputs_bit_for_bit, counters, greedy, token_prompts
 
 pytestmark = pytest.mark.model
+
+
+def chunk_positions(scheduled) -> list[tuple[int, int]]:
+    return [(chunk.start_pos, chunk.num_tokens) for chunk in scheduled]
+
+
+def record_schedule(llm, record=chunk_positions) -> list:
+    """Spy on the engine's scheduler: per step, ``record`` of the chunks it scheduled (by
+    default the (start_pos, num_tokens) of each chunk)."""
+    steps = []
+    original = llm.scheduler.schedule
+
+    def recording_schedule():
+        scheduled = original()
+        steps.append(record(scheduled))
+        return scheduled
+
+    llm.scheduler.schedule = recording_schedule
+    return steps
 
 
 def test_chunked_prefill_gives_the_same_outputs_as_one_chunk(llm):
@@ -27,6 +47,27 @@ def test_prefill_longer_than_the_budget_is_chunked_and_still_hits(llm):
     assert counters(llm) == (400, 192)
     llm.reconfigure(enable_prefix_caching=False, max_num_batched_tokens=4096)
     assert_same_outputs_bit_for_bit(cold + warm, llm.generate([prompt, prompt], params))
+
+
+def test_a_long_prefill_runs_in_chunks_of_the_token_budget(llm):
+    """Kills ``budget-ignored-by-running-chunks``: outputs and counters are the same either
+    way, so only the schedule itself shows it."""
+    llm.reconfigure(max_num_batched_tokens=48)
+    steps = record_schedule(llm)
+    llm.generate(token_prompts(71, [200]), greedy(max_tokens=3))
+    assert steps, "the schedule spy never fired"
+    assert steps == [[(0, 48)], [(48, 48)], [(96, 48)], [(144, 48)], [(192, 8)], [(200, 1)], [(201, 1)]]
+
+
+def test_admissions_share_the_step_token_budget(llm):
+    """Kills ``admissions-not-charged-to-budget``: three 30-token prompts, a budget of 48."""
+    llm.reconfigure(max_num_batched_tokens=48)
+    steps = record_schedule(llm)
+    outputs = llm.generate(token_prompts(72, [30, 30, 30]), greedy(max_tokens=4))
+    assert steps, "the schedule spy never fired"
+    assert steps[0] == [(0, 30), (0, 18)], "the second admission gets what the first left of the budget"
+    assert all(sum(num_tokens for _, num_tokens in step) <= 48 for step in steps)
+    assert [len(o.token_ids) for o in outputs] == [4, 4, 4]
 
 
 def test_preemption_by_recompute_keeps_outputs_unchanged(llm):
@@ -60,19 +101,29 @@ def test_max_num_seqs_bounds_the_running_batch(llm):
     llm.reconfigure(max_num_seqs=2)
     prompts = token_prompts(16, [10] * 5)
     params = greedy(max_tokens=5)
-    seen = []
-    original = llm.scheduler.schedule
-
-    def recording_schedule():
-        scheduled = original()
-        seen.append(len(llm.scheduler.running))
-        return scheduled
-
-    llm.scheduler.schedule = recording_schedule
+    seen = record_schedule(llm, lambda scheduled: len(llm.scheduler.running))
     outputs = llm.generate(prompts, params)
     assert max(seen) == 2
     llm.reconfigure(max_num_seqs=8)
     assert_same_outputs_bit_for_bit(outputs, llm.generate(prompts, params))
+
+
+def test_equal_length_chunks_at_different_start_positions_in_one_step(llm):
+    """Kills ``batched-prefill-ignores-start-pos`` (otherwise only the engine state machine
+    finds it, by chance): one 10-token chunk after a 16-token hit and one from position 0,
+    scheduled in the same step, each run at their own positions."""
+    shared = token_prompts(84, [16])[0]
+    prompts = [shared + token_prompts(85, [10])[0], token_prompts(86, [10])[0]]
+    params = greedy(max_tokens=4)
+    llm.reconfigure(enable_prefix_caching=False)
+    reference = llm.generate(prompts, params)
+    llm.reconfigure(enable_prefix_caching=True)
+    llm.generate([shared + [1]], greedy(max_tokens=1))  # caches the shared block
+    steps = record_schedule(llm)
+    outputs = llm.generate(prompts, params)
+    assert steps and steps[0] == [(16, 10), (0, 10)]
+    assert [o.num_cached_tokens for o in outputs] == [16, 0]
+    assert_same_outputs_bit_for_bit(outputs, reference)
 
 
 def test_a_request_stops_at_its_stop_token(llm):
