@@ -82,13 +82,11 @@ def test_a_prompt_inside_a_cached_sequence_hits_all_of_it_but_its_last_token(sce
 
 @needs("prefix_cache", "cached_tokens", "cache_off", "caches_output")
 def test_a_follow_up_prompt_reuses_the_kv_of_the_previous_output(scenario: Scenario):
-    prompt = scenario.prompts.family(30)
-    (first_output,) = scenario.target.reference([prompt], MAX_TOKENS)
-    follow_up = [*prompt, *first_output, *scenario.prompts.continuation(9)]
+    prompt, _, follow_up = scenario.exchange(30, MAX_TOKENS, extra=9)
     (reference,) = scenario.target.reference([follow_up], MAX_TOKENS)
     scenario.run_one(prompt, MAX_TOKENS)
     hit, expected = scenario.run_one(follow_up, MAX_TOKENS)
-    assert expected > len(prompt) // scenario.capabilities.hit_granularity * scenario.capabilities.hit_granularity - 1
+    assert expected > len(prompt) // scenario.capabilities.hit_granularity * scenario.capabilities.hit_granularity
     assert_hit(hit, expected, "follow-up")
     assert hit.token_ids == reference
 
@@ -97,9 +95,7 @@ def test_a_follow_up_prompt_reuses_the_kv_of_the_previous_output(scenario: Scena
 def test_a_prompt_equal_to_a_whole_previous_exchange_is_served_and_the_target_keeps_serving(scenario: Scenario):
     """Prompt + its full output as the next prompt: every token of it may be cached (mlx-lm's
     #1215: an exact full hit leaves nothing to compute and kills its generation thread)."""
-    prompt = scenario.prompts.family(30)
-    (first_output,) = scenario.target.reference([prompt], MAX_TOKENS)
-    exchange = [*prompt, *first_output]
+    prompt, _, exchange = scenario.exchange(30, MAX_TOKENS)
     other = scenario.prompts.family(20)
     reference, other_reference = scenario.target.reference([exchange, other], MAX_TOKENS)
     scenario.run_one(prompt, MAX_TOKENS)

@@ -22,6 +22,7 @@ class EngineTarget:
             cache_salt=True,
             cache_off=True,
             concurrent=True,
+            token_prompts=True,
             output_kv="all-but-last",
         )
 

@@ -64,6 +64,7 @@ class MlxLmTarget:
             cache_salt=False,
             cache_off=True,  # the same batch with an empty cache that keeps nothing (reference())
             concurrent=True,  # one BatchGenerator for all prompts of a call
+            token_prompts=True,
             output_kv="all",  # measured: see the module docstring
         )
 

@@ -232,6 +232,7 @@ class OpenAITarget:
             cache_salt=self._detect_cache_salt(cache_salt),
             cache_off=self._reference is not None,
             concurrent=True,  # generate() sends its prompts at once, one thread each
+            token_prompts=self.client.shape.prompt_as == "token_ids",
         )
         self.capabilities = replace(capabilities, output_kv=self._output_kv(capabilities))
         if self.capabilities.reset:

@@ -25,6 +25,7 @@ class Capabilities:
     cache_salt: bool = False  # a per-request salt; requests with different salts never share
     cache_off: bool = False  # a cache-off run of the same target, the reference of every comparison
     concurrent: bool = False  # generate() of several prompts runs them together, not one after another
+    token_prompts: bool = False  # takes any token ids as a prompt (else text: only ids whose text encodes back)
     # Which generated tokens' KV a later prompt can hit: "none", "all-but-last" (the last sampled
     # token is never fed back: vLLM, this engine) or "all" (mlx-lm, which feeds it back).
     output_kv: str = "none"

@@ -19,9 +19,14 @@ from suites.targets.protocol import Capabilities, Completion, Target
 
 
 @cache
+def tokenizer_of(model_folder: str) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_folder) / "tokenizer.json"))
+
+
+@cache
 def word_tokens(model_folder: str) -> tuple[int, ...]:
     """Ids whose text is a space and letters, and encodes back to that one id."""
-    tokenizer = Tokenizer.from_file(str(Path(model_folder) / "tokenizer.json"))
+    tokenizer = tokenizer_of(model_folder)
     words = []
     for token_id in range(tokenizer.get_vocab_size()):
         text = tokenizer.decode([token_id])
@@ -35,6 +40,7 @@ class PromptSource:
     """Deterministic prompts for the whole session; each new family gets an unused first token."""
 
     def __init__(self, model_folder: str, seed: int = 1215) -> None:
+        self.tokenizer = tokenizer_of(model_folder)
         self.words = word_tokens(model_folder)
         self.rng = np.random.default_rng(seed)
         self.first_tokens = itertools.cycle(self.rng.permutation(self.words).tolist())
@@ -46,6 +52,10 @@ class PromptSource:
         if self.families > len(self.words):
             raise RuntimeError(f"more than {len(self.words)} prompt families in one session: first tokens would repeat")
         return [next(self.first_tokens), *self.continuation(length - 1)]
+
+    def round_trips(self, ids: list[int]) -> bool:
+        """Whether a text-only target, given the text of ``ids``, sees exactly ``ids``."""
+        return self.tokenizer.encode(self.tokenizer.decode(ids), add_special_tokens=False).ids == ids
 
     def continuation(self, length: int) -> list[int]:
         return self.rng.choice(self.words, size=length).tolist()
@@ -67,6 +77,17 @@ class Scenario:
         self.capabilities: Capabilities = target.capabilities
         self.cached: list[list[int]] = []  # KV sequences this scenario left in the target's cache
         self.hits = hits if hits is not None else []  # (expected, observed) per request, for the report
+
+    def exchange(self, length: int, max_tokens: int, extra: int = 0) -> tuple[list[int], list[int], list[int]]:
+        """A prompt, its cache-off output, and the follow-up prompt + output + ``extra`` new tokens,
+        chosen so that a text-only target receives the follow-up's exact ids (outputs are any ids)."""
+        for _ in range(50):
+            prompt = self.prompts.family(length)
+            (output,) = self.target.reference([prompt], max_tokens)
+            follow_up = [*prompt, *output, *self.prompts.continuation(extra)]
+            if self.capabilities.token_prompts or self.prompts.round_trips(follow_up):
+                return prompt, output, follow_up
+        raise RuntimeError(f"no prompt of {length} tokens in 50 whose output survives decode and encode")
 
     def expected_hit(self, prompt: list[int]) -> int:
         return self.capabilities.expected_hit(prompt, self.cached)
