@@ -118,7 +118,8 @@ def num_parameters(model_dir: Path) -> int:
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, framework="numpy") as tensors:
-            total += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors)
+            names = tensors.keys()  # safe_open has keys() but is not iterable
+            total += sum(math.prod(tensors.get_slice(name).get_shape()) for name in names)
     return total
 
 
