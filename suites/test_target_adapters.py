@@ -84,7 +84,7 @@ def test_mlx_lm_declares_what_its_prompt_cache_offers(mlx_lm):
     assert (mlx_lm.name, mlx_lm.version) == ("mlx-lm", MLX_LM_VERSION)
     assert mlx_lm.capabilities == Capabilities(
         hit_granularity=1, cached_tokens=True, counters=False, reset=True, cache_salt=False,
-        cache_off=True, concurrent=True, output_kv="all",
+        cache_off=True, concurrent=True, token_prompts=True, output_kv="all",
     )
     with pytest.raises(ValueError, match="no cache salt"):
         mlx_lm.generate([[1, 2, 3]], 1, cache_salt="a")
