@@ -10,6 +10,7 @@ _PUBLIC = {
     "LLM": "engine.llm",
     "EngineConfig": "engine.llm",
     "RequestOutput": "engine.outputs",
+    "TokenUpdate": "engine.outputs",
     "SamplingParams": "engine.sampling",
     "PrefixCacheStats": "engine.kv",
 }

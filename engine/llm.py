@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.kv import HASH_FUNCTIONS, KVCacheManager, PrefixCacheStats
 from engine.models import fixed_config, resolve_model, weight_checksum
-from engine.outputs import RequestOutput, prometheus_text
+from engine.outputs import RequestOutput, TokenUpdate, prometheus_text
 from engine.request import Request
 from engine.runner.device import select_device
 from engine.runner.model_runner import ChunkInput, ModelRunner, kv_geometry
@@ -74,6 +74,7 @@ class LLM:
         )
         self.device = select_device(device)
         self._request_counter = itertools.count()
+        self._live: dict[str, Request] = {}  # queued or running, by id
         self._pool: KVPool | None = None
         self._load_model(model)
         self._allocate_pool(num_kv_blocks * block_size, block_size)
@@ -125,16 +126,68 @@ class LLM:
         index_of = {request.request_id: index for index, request in enumerate(requests)}
         try:
             for request in requests:
-                self._scheduler.add(request)
+                self._add(request)
             while self._scheduler.has_unfinished():
-                sampled = self._step()
-                if on_token is not None:
-                    for request in sampled:
-                        on_token(index_of[request.request_id], request.token_ids[-1])
+                for update in self.step():
+                    if on_token is not None:
+                        on_token(index_of[update.request_id], update.token_id)
         except BaseException:
-            self._scheduler.abort(requests)
+            self._abort(requests)
             raise
         return [self._to_output(request) for request in requests]
+
+    # -- one step at a time (engine serve: requests of many clients join the running batch) --
+
+    def add_request(
+        self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None, cache_salt: str | None = None
+    ) -> str:
+        """Queue one request; it joins the running batch at the next ``step``. Returns its id.
+
+        Checked as ``generate`` checks its inputs: a bad one raises ValueError and queues nothing.
+        """
+        request = self._make_request(prompt, sampling_params or SamplingParams(), cache_salt)
+        self._add(request)
+        return request.request_id
+
+    def step(self) -> list[TokenUpdate]:
+        """Run one scheduled step of every queued request; one update per sampled token.
+
+        A finished request's update carries its whole output, and the engine forgets it. If
+        the step raises, every unfinished request is aborted (their blocks freed) and the
+        exception propagates: a step cut short leaves nothing half-done behind.
+        """
+        try:
+            sampled = self._step()
+        except BaseException:
+            self._abort(list(self._live.values()))
+            raise
+        updates = []
+        for request in sampled:
+            output = None
+            if request.finish_reason is not None:
+                output = self._to_output(self._live.pop(request.request_id))
+            updates.append(TokenUpdate(request.request_id, request.output_token_ids[-1], output))
+        return updates
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a queued or running request and free its blocks; False if it is not live."""
+        request = self._live.get(request_id)
+        if request is None:
+            return False
+        self._abort([request])
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self._scheduler.has_unfinished()
+
+    def _add(self, request: Request) -> None:
+        self._live[request.request_id] = request
+        self._scheduler.add(request)
+
+    def _abort(self, requests: list[Request]) -> None:
+        for request in requests:
+            self._live.pop(request.request_id, None)
+        self._scheduler.abort(requests)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return copy.copy(self._kv.stats)

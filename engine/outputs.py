@@ -19,6 +19,19 @@ class RequestOutput:
     logits: np.ndarray | None = None  # [len(token_ids), vocab], with SamplingParams(return_logits=True)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUpdate:
+    """One token sampled for one request by ``LLM.step``; ``output`` is set when it finished."""
+
+    request_id: str
+    token_id: int
+    output: RequestOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None
+
+
 def prometheus_text(stats: PrefixCacheStats, model_name: str) -> str:
     labels = f'{{model_name="{model_name}"}}'
     lines = []
