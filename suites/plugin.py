@@ -165,6 +165,22 @@ def target(request):
 
 
 @pytest.fixture(scope="session")
+def target_golden(request):
+    """The committed cache-off golden of the target's model (the embedded tiny models have one),
+    checked against the model folder's weights; without one, the golden rules are not applicable."""
+    from engine.llm import DEFAULT_MODEL
+    from engine.models import weight_checksum
+    from suites import golden
+    from suites.golden_cases import golden_cases
+
+    model = request.config.getoption("--target-model") or DEFAULT_MODEL
+    if not golden.golden_path(model).exists():
+        pytest.skip(f"{NOT_APPLICABLE}: no golden file for model {golden.golden_name(model)!r} in {golden.GOLDEN_DIR}")
+    committed = golden.load_golden(model, weight_checksum(target_options(request.config).model))
+    return [(case, committed["cases"][case.name]) for case in golden_cases()]
+
+
+@pytest.fixture(scope="session")
 def prompt_source(request):
     from suites.targets.scenario import PromptSource
 

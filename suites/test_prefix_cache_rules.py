@@ -124,6 +124,35 @@ def test_concurrent_requests_sharing_a_prefix_equal_cache_off_and_then_hit_exact
     assert [c.token_ids for c in again] == references
 
 
+@needs("cache_off", "token_prompts")
+def test_the_cache_off_output_equals_the_golden(scenario: Scenario, target_golden):
+    """The target's own cache-off reference is the cache-off golden of this suite (on MLX's CPU
+    backend mlx-lm and this engine agree with it bit for bit; the golden's margins keep its
+    tokens stable elsewhere)."""
+    prompts = [record["prompt_token_ids"] for _, record in target_golden]
+    by_length: dict[int, list[int]] = {}
+    for index, (case, _) in enumerate(target_golden):
+        by_length.setdefault(case.max_tokens, []).append(index)
+    for max_tokens, indices in by_length.items():
+        outputs = scenario.target.reference([prompts[i] for i in indices], max_tokens)
+        for index, output in zip(indices, outputs, strict=True):
+            case, record = target_golden[index]
+            assert output == record["token_ids"], case.name
+
+
+@needs("prefix_cache", "cached_tokens", "token_prompts", "reset")
+def test_the_golden_cases_cold_and_warm_equal_the_golden_with_exact_hits(scenario: Scenario, target_golden):
+    """Every golden case, one request at a time, twice: tokens as the golden, hits as the
+    target's granularity predicts from what the earlier cases left cached."""
+    assert scenario.target.reset_prefix_cache() is True
+    for label in ("cold", "warm"):
+        for case, record in target_golden:
+            completion, expected = scenario.run_one(record["prompt_token_ids"], case.max_tokens)
+            assert completion.token_ids == record["token_ids"], f"{label}: {case.name}"
+            assert_hit(completion, expected, f"{label}: {case.name}")
+    assert sum(hit["observed"] for hit in scenario.hits) > 0
+
+
 @needs("prefix_cache", "cached_tokens", "cache_salt")
 def test_a_different_cache_salt_never_shares_and_the_same_salt_does(scenario: Scenario):
     prompt = scenario.prompts.family(40)

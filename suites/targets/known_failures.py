@@ -29,6 +29,7 @@ class KnownFailure:
 
 
 EXCHANGE_RULE = "test_a_prompt_equal_to_a_whole_previous_exchange_is_served_and_the_target_keeps_serving"
+GOLDEN_RULE = "test_the_golden_cases_cold_and_warm_equal_the_golden_with_exact_hits"
 ISSUE_1215 = ("mlx-lm #1215 (fix #1887 open): an exact full-prompt hit leaves an empty prompt; BatchGenerator raises "
               "'Sequence N has an empty prompt'")
 URL_1215 = "https://github.com/ml-explore/mlx-lm/issues/1215"
@@ -56,6 +57,10 @@ from mlx_lm.models.cache import LRUPromptCache
 
 KNOWN_FAILURES = (
     KnownFailure("mlx-lm", ("0.32.2",), EXCHANGE_RULE, "builtins:ValueError", ISSUE_1215, URL_1215,
+                 REPRODUCTION_1215_IN_PROCESS),
+    # The golden workload meets the same bug: a later case's prompt equals a sequence an earlier
+    # case left in the trie (mlx-lm also stores each prompt but its last token after prefill).
+    KnownFailure("mlx-lm", ("0.32.2",), GOLDEN_RULE, "builtins:ValueError", ISSUE_1215, URL_1215,
                  REPRODUCTION_1215_IN_PROCESS),
     KnownFailure("mlx-lm-server", ("0.32.2",), EXCHANGE_RULE, "suites.targets.mlx_lm_server_target:ServerDied",
                  ISSUE_1215 + "; the server's generation thread dies and it answers no request after", URL_1215,
