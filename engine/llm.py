@@ -15,10 +15,11 @@ from engine.models import fixed_config, resolve_model, weight_checksum
 from engine.outputs import RequestOutput, TokenUpdate, prometheus_text
 from engine.request import Request
 from engine.runner.device import select_device
-from engine.runner.model_runner import ChunkInput, ModelRunner, kv_geometry
+from engine.runner.model_runner import ChunkInput, ModelRunner, StepInput, kv_geometry
+from engine.runner.sampler import sample_rows
 from engine.runner.paged_attention import KVPool
-from engine.sampling import SamplingParams, sample_token
-from engine.scheduler import ScheduledChunk, Scheduler
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,25 +322,23 @@ class LLM:
         if not scheduled:
             raise RuntimeError("the scheduler made no progress (pool too small for the running requests)")
         inputs = [
-            ChunkInput(chunk.token_ids, chunk.start_pos, self._kv.block_table(chunk.request.request_id))
+            ChunkInput(chunk.request.request_id, chunk.token_ids, chunk.start_pos,
+                       self._kv.block_table(chunk.request.request_id))
             for chunk in scheduled
         ]
-        logits = self._runner.execute(inputs)
-        sampled = []
-        for chunk, row in zip(scheduled, logits, strict=True):
-            if chunk.completes_sequence:
-                self._sample(chunk, row)
-                sampled.append(chunk.request)
+        logits = self._runner.execute(StepInput(inputs, self._scheduler.take_finished_ids()))
+        rows = [index for index, chunk in enumerate(scheduled) if chunk.completes_sequence]
+        sampled = [scheduled[index].request for index in rows]
+        tokens, host_logits = sample_rows(
+            logits, rows, [r.sampling for r in sampled], [r.seed for r in sampled],
+            [len(r.output_token_ids) for r in sampled],
+        )
+        for position, (request, token) in enumerate(zip(sampled, tokens, strict=True)):
+            if request.sampling.return_logits:
+                request.logits.append(host_logits[position])
+            request.append_output(token)
         self._scheduler.finish_step(scheduled)
         return sampled
-
-    @staticmethod
-    def _sample(chunk: ScheduledChunk, logits: np.ndarray) -> None:
-        request = chunk.request
-        step = len(request.output_token_ids)
-        if request.sampling.return_logits:
-            request.logits.append(logits)
-        request.append_output(sample_token(logits, request.sampling, request.seed, step))
 
     def _to_output(self, request: Request) -> RequestOutput:
         logits = np.stack(request.logits) if request.sampling.return_logits else None

@@ -45,6 +45,8 @@ class Scheduler:
         self.num_preemptions = 0
         # True from schedule() to finish_step(): the step's K/V may be only partly written.
         self.step_in_flight = False
+        # Requests that finished, were preempted or aborted since the runner last heard of it.
+        self.finished_ids: set[str] = set()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -98,6 +100,7 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED
                 self.running.remove(request)
                 self.kv.free(request.request_id)
+                self.finished_ids.add(request.request_id)
                 finished.append(request)
         self.step_in_flight = False
         return finished
@@ -115,6 +118,7 @@ class Scheduler:
         aborted = {request.request_id for request in requests}
         for request_id in aborted:
             self.kv.free(request_id)
+        self.finished_ids |= aborted
         self.waiting = deque(request for request in self.waiting if request.request_id not in aborted)
         self.running = [request for request in self.running if request.request_id not in aborted]
         if self.step_in_flight:
@@ -132,8 +136,14 @@ class Scheduler:
         )
         return blocks is not None
 
+    def take_finished_ids(self) -> set[str]:
+        """The ids finished, preempted or aborted since the last call (for the runner's step)."""
+        ids, self.finished_ids = self.finished_ids, set()
+        return ids
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
+        self.finished_ids.add(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING

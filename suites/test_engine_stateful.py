@@ -214,9 +214,10 @@ def test_engine_state_machine(shared_llm, request):
     original_step = type(shared_llm)._step
 
     def checked_step(self):
-        original_step(self)
+        sampled = original_step(self)
         TOTALS["engine_steps"] += 1
         check_pool(self.kv_manager.pool)
+        return sampled
 
     shared_llm._step = checked_step.__get__(shared_llm)
     EngineMachine.llm = shared_llm

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     table = list(range(blocks_per_row))
     tokens = rng.integers(1, args_.vocab_size, context).tolist()
     if start:
-        runner.execute([ChunkInput(tokens[:start], 0, table)])
-    chunk = ChunkInput(tokens[start:], start, table)
+        runner.execute([ChunkInput("prefix", tokens[:start], 0, table)])
+    chunk = ChunkInput("chunk", tokens[start:], start, table)
     ours = timed(lambda: runner.execute([chunk]), repeats)
     saved = runner.max_prefill_tokens
     runner.max_prefill_tokens = 1 << 30
@@ -174,13 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     def decode_step():  # consecutive positions, so the decode context is reused as in serving
         step = state["step"]
         state["step"] += 1
-        runner.execute([ChunkInput([5], decode_context + step, table) for table in tables])
+        runner.execute([ChunkInput(f"row{r}", [5], decode_context + step, t) for r, t in enumerate(tables)])
 
-    runner.execute([ChunkInput([5], p - 1, t) for p, t in zip(positions, tables)])  # fill the context
+    runner.execute([ChunkInput(f"row{r}", [5], p - 1, t) for r, (p, t) in enumerate(zip(positions, tables))])  # fill the context
     ours_decode = timed(decode_step, repeats)
-    fresh = timed(
-        lambda: runner._forward_decode([ChunkInput([5], p, t) for p, t in zip(positions, tables)]), repeats
-    )
+    calls = iter(range(1 << 30))
+
+    def fresh_rows():  # rows the context has never seen: each one filled from the pool
+        call = next(calls)
+        runner.execute([ChunkInput(f"fresh{call}-{r}", [5], p, t) for r, (p, t) in enumerate(zip(positions, tables))])
+
+    fresh = timed(fresh_rows, repeats)
     from mlx_lm.models.cache import KVCache
 
     peer_caches = [KVCache() for _ in range(n)]

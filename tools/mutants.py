@@ -87,6 +87,7 @@ POOL = "engine/kv/block_pool.py"
 MANAGER = "engine/kv/manager.py"
 SCHEDULER = "engine/scheduler.py"
 ATTENTION = "engine/runner/paged_attention.py"
+DECODE_CONTEXT = "engine/runner/decode_context.py"
 RUNNER = "engine/runner/model_runner.py"
 SAMPLING = "engine/sampling.py"
 LLM_FACADE = "engine/llm.py"
@@ -413,7 +414,7 @@ CATALOGUE: list[Mutant] = [
         "extra: RoPE positions of one-token rows",
         """A one-token row (a decode, or a chunk's last token) is rotated one position
         further than it is.""",
-        (ATTENTION, "            offsets=mx.array(lens - 1),\n", "            offsets=mx.array(lens),\n"),
+        (DECODE_CONTEXT, "            offsets=mx.array(lens - 1),\n", "            offsets=mx.array(lens),\n"),
     ),
     mutant(
         "new-kv-over-cached-slots",
@@ -428,24 +429,10 @@ CATALOGUE: list[Mutant] = [
         """A one-token row at the first position of a block writes its K/V into the previous
         block (slot 0 of block p // bs - 1) instead of its own new block.""",
         (
-            ATTENTION,
+            DECODE_CONTEXT,
             "new_slots.append(table[position // block_size] * block_size + position % block_size)",
             "new_slots.append(table[(position - 1) // block_size] * block_size + position % block_size)",
         ),
-    ),
-    mutant(
-        "second-decode-forward-rope-off-by-one",
-        "extra: RoPE positions of one-token rows",
-        """Decode rows that run in a step's second decode forward (after a prefill chunk,
-        over the pool rather than the decode context) are rotated one position too far.""",
-        (ATTENTION, "        offsets=mx.array(np.asarray(positions)),\n", "        offsets=mx.array(np.asarray(positions) + 1),\n"),
-    ),
-    mutant(
-        "second-decode-forward-slot-off-by-one",
-        "extra: slots of one-token rows",
-        """Decode rows of a step's second decode forward write their K/V one slot early,
-        over the previous token.""",
-        (ATTENTION, "slots[np.arange(len(block_tables)), context_lens - 1]", "slots[np.arange(len(block_tables)), context_lens - 2]"),
     ),
     mutant(
         "batched-prefill-ignores-start-pos",
@@ -454,8 +441,8 @@ CATALOGUE: list[Mutant] = [
         different positions: all rows run at the first chunk's start_pos.""",
         (
             RUNNER,
-            "while stop < len(chunks) and (chunks[stop].start_pos, len(chunks[stop].token_ids)) == shape:",
-            "while stop < len(chunks) and len(chunks[stop].token_ids) == shape[1]:",
+            "while stop < len(others) and (chunks[others[stop]].start_pos, len(chunks[others[stop]].token_ids)) == shape:",
+            "while stop < len(others) and len(chunks[others[stop]].token_ids) == shape[1]:",
         ),
     ),
     mutant(
@@ -463,7 +450,16 @@ CATALOGUE: list[Mutant] = [
         "extra: padded keys",
         """One-token rows of different lengths in one forward attend over each other's
         padding: the key mask is dropped.""",
-        (ATTENTION, "        if (lens != context_len).any():\n", "        if False:\n"),
+        (DECODE_CONTEXT, "        if (lens != context_len).any():\n", "        if False:\n"),
+    ),
+    mutant(
+        "prefill-chunk-keeps-stale-row",
+        "chunked prefill that drops or repeats a token at a chunk boundary",
+        """A prefill chunk of a request that already has a decode-context row (its previous
+        chunk's last token) adds a second row instead of replacing it: the old row lacks the
+        positions the chunk wrote to the pool only.""",
+        (DECODE_CONTEXT, "        self.drop(set(request_ids))\n        first = len(self.request_ids)\n",
+         "        first = len(self.request_ids)\n"),
     ),
     mutant(
         "prefill-piece-drops-token",

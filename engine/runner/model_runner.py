@@ -1,39 +1,51 @@
 """Runs an mlx-lm architecture (qwen3, llama, ...) over the paged KV pool.
 
-Plan of a step, chosen for exactness: forwards run in schedule order; consecutive
-one-token rows (decodes) share one batched forward (L = 1, one row each), and consecutive
-prefill chunks of the same shape (same start_pos, same length: the suffixes after a shared
-cached prefix, typically) share one forward (B rows, offset = start_pos); any other chunk
-gets its own. On MLX's CPU backend products are row-invariant, so this gives bit-identical
-logits whatever the batch. Within a forward every row writes a layer's K/V before any row
-reads it back, so batching never hides a block from a row that hits it.
-Schedule order matters: a request may hit a block that an earlier chunk of the same step
-computes, so that chunk must have written it first.
-
-The first decode forward of a step attends over the rows' contexts kept contiguous from
-step to step (``DecodeContext``), and so does the last token of each prefill chunk; any
-other forward gathers its context from the pool and makes the decode context forget the
-blocks it writes. The rest of a prefill chunk runs as forwards of at most
-``max_prefill_tokens`` tokens whose last layer computes only K/V: attention's softmax (a
-slow ``exp`` on MLX's CPU backend) is computed over the whole key range of a forward,
-masked or not, so shorter forwards skip part of the masked triangle. Each forward is
-evaluated before the next, so every pool write finds its buffer free to update in place.
+Plan of a step (a ``StepInput``: each scheduled chunk with its request id, and the requests
+that finished or were preempted since the last step):
+1. the rows of finished and preempted requests leave the decode context;
+2. every request that continues its decode row (one new token right after its row's last
+   position) runs in ONE forward over the decode context: these rows read only their own
+   K/V, so they may run before everything else, and a block a decode row completes is then
+   written before any later chunk of the step hits it;
+3. every other chunk, in schedule order (a request may hit a block that an earlier chunk of
+   the same step computes, so that chunk must have written it first); consecutive chunks
+   of the same shape (same start_pos and length: the suffixes after a shared cached prefix,
+   typically) share one forward. All of a chunk's tokens but the last only write their K/V,
+   in pieces of at most ``max_prefill_tokens`` positions (nothing reads their last layer's
+   output, so MLX never computes its attention and MLP; and attention's softmax over a
+   shorter key range skips part of the masked triangle); the last token runs as a fresh
+   row of the decode context, where the request decodes from the next step on.
+On MLX's CPU backend products are row-invariant, so this gives bit-identical logits
+whatever the batch. Each forward is evaluated before the next, so every pool write finds
+its buffer free to update in place. The logits stay on the device: the caller samples there
+and copies only token ids (and the rows it must keep) to the host.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from engine.runner.paged_attention import DecodeContext, KVPool, PagedLayerCache, decode_batch, prefill_batch
+from engine.runner.decode_context import DecodeContext
+from engine.runner.paged_attention import KVPool, PagedLayerCache, prefill_batch
 
 
 @dataclass(slots=True)
 class ChunkInput:
+    """One scheduled chunk: tokens ``start_pos ..`` of request ``request_id``, and where its K/V lives."""
+
+    request_id: str
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
+
+
+@dataclass(slots=True)
+class StepInput:
+    """What the runner needs of one scheduler step (the shape of vLLM's SchedulerOutput)."""
+
+    chunks: list[ChunkInput]
+    finished_request_ids: set[str] = field(default_factory=set)  # finished, preempted or aborted since the last step
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,32 +74,35 @@ class ModelRunner:
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_context = DecodeContext(pool, len(model.layers))
 
-    def execute(self, chunks: list[ChunkInput]) -> list[np.ndarray]:
-        """Compute every chunk; return the float32 logits after each chunk's last token."""
-        logits: list[mx.array] = []
+    def execute(self, step: StepInput | list[ChunkInput]) -> mx.array:
+        """Compute every chunk; return the logits after each chunk's last token, ``[chunks, vocab]``
+        in chunk order, on the device (evaluated)."""
+        if not isinstance(step, StepInput):
+            step = StepInput(step)
+        chunks = step.chunks
+        self.decode_context.drop(step.finished_request_ids)
+        logits: list[mx.array | None] = [None] * len(chunks)
+        decoding = [
+            index for index, chunk in enumerate(chunks)
+            if len(chunk.token_ids) == 1 and self.decode_context.holds(chunk.request_id, chunk.start_pos - 1)
+        ]
+        if decoding:
+            for index, row_logits in zip(decoding, self._forward_decode([chunks[i] for i in decoding]), strict=True):
+                logits[index] = row_logits
+        others = [index for index in range(len(chunks)) if logits[index] is None]
         start = 0
-        first_decode = True
-        while start < len(chunks):
-            shape = (chunks[start].start_pos, len(chunks[start].token_ids))
+        while start < len(others):
+            shape = (chunks[others[start]].start_pos, len(chunks[others[start]].token_ids))
             stop = start + 1
-            while stop < len(chunks) and (chunks[stop].start_pos, len(chunks[stop].token_ids)) == shape:
+            while stop < len(others) and (chunks[others[stop]].start_pos, len(chunks[others[stop]].token_ids)) == shape:
                 stop += 1
-            if shape[1] > 1:
-                logits.extend(self._forward_prefill(chunks[start:stop]))
-                start = stop
-                continue
-            stop = start
-            while stop < len(chunks) and len(chunks[stop].token_ids) == 1:
-                stop += 1
-            if first_decode:
-                logits.extend(self._forward_decode_in_context(chunks[start:stop]))
-            else:
-                logits.extend(self._forward_decode(chunks[start:stop]))
-            first_decode = False
+            group = others[start:stop]
+            for index, row_logits in zip(group, self._forward_prefill([chunks[i] for i in group]), strict=True):
+                logits[index] = row_logits
             start = stop
-        stacked = mx.stack(logits).astype(mx.float32)
+        stacked = mx.stack(logits)
         mx.eval(stacked)
-        return list(np.array(stacked, copy=True))
+        return stacked
 
     def _forward_prefill(self, chunks: list[ChunkInput]) -> list[mx.array]:
         """Chunks of one shape, together, in two parts, as mlx-lm's batch generator does.
@@ -100,43 +115,30 @@ class ModelRunner:
         """
         start_pos, num_tokens = chunks[0].start_pos, len(chunks[0].token_ids)
         tables = [chunk.block_table for chunk in chunks]
-        for table in tables:
-            self._forget_written(table, start_pos, start_pos + num_tokens)
         last = num_tokens - 1
         for offset in range(0, last, self.max_prefill_tokens):
             stop = min(offset + self.max_prefill_tokens, last)
             batch = prefill_batch(self.pool, tables, start_pos + offset, stop - offset)
             self._hidden(mx.array([chunk.token_ids[offset:stop] for chunk in chunks]), batch)
             self._evaluate()
-        batch = self.decode_context.append(tables, [start_pos + last] * len(chunks))
+        batch = self.decode_context.append([chunk.request_id for chunk in chunks], tables, [start_pos + last] * len(chunks))
         hidden = self._hidden(mx.array([chunk.token_ids[last:] for chunk in chunks]), batch)
-        logits = self._project(hidden[:, 0, :])
+        logits = self._project(hidden[:, 0, :]).astype(mx.float32)
         self._evaluate(logits)
         return [logits[row] for row in range(len(chunks))]
 
     def _forward_decode(self, rows: list[ChunkInput]) -> list[mx.array]:
-        for row in rows:
-            self._forget_written(row.block_table, row.start_pos, row.start_pos + 1)
-        batch = decode_batch(self.pool, [row.block_table for row in rows], [row.start_pos for row in rows])
-        hidden = self._hidden(mx.array([row.token_ids for row in rows]), batch)
-        logits = self._project(hidden[:, 0, :])
-        self._evaluate(logits)
-        return [logits[row] for row in range(len(rows))]
-
-    def _forward_decode_in_context(self, rows: list[ChunkInput]) -> list[mx.array]:
-        tables, positions = [row.block_table for row in rows], [row.start_pos for row in rows]
-        order, batch = self.decode_context.prepare(tables, positions)
+        """The decode rows, one token each, over their rows of the decode context."""
+        order, batch = self.decode_context.prepare(
+            [row.request_id for row in rows], [row.block_table for row in rows], [row.start_pos for row in rows]
+        )
         hidden = self._hidden(mx.array([rows[index].token_ids for index in order]), batch)
-        logits = self._project(hidden[:, 0, :])
+        logits = self._project(hidden[:, 0, :]).astype(mx.float32)
         self._evaluate(logits)
-        by_input = [None] * len(rows)
+        by_input: list[mx.array | None] = [None] * len(rows)
         for row, index in enumerate(order):
             by_input[index] = logits[row]
         return by_input
-
-    def _forget_written(self, block_table: list[int], start: int, stop: int) -> None:
-        first, last = start // self.pool.block_size, (stop - 1) // self.pool.block_size
-        self.decode_context.forget_blocks(set(block_table[first : last + 1]))
 
     def _evaluate(self, logits: mx.array | None = None) -> None:
         """Run the forward: its logits (if any) and its writes to the pool and the context."""

@@ -1,0 +1,34 @@
+"""The decode context knows its rows by request id: rows of finished requests leave at the
+next step, and only rows of live requests are ever kept."""
+
+import pytest
+
+from engine import SamplingParams
+from suites.engine_helpers import token_prompts
+
+pytestmark = pytest.mark.model
+
+
+def test_rows_of_finished_requests_leave_at_the_next_step(llm):
+    first = llm.generate(token_prompts(31, [20, 27, 33]), SamplingParams(max_tokens=4, ignore_eos=True))
+    context = llm._runner.decode_context
+    finished = {output.request_id for output in first}
+    assert finished <= set(context.request_ids)  # the last step's rows are still there
+    # A prefill-only step (max_tokens=1) runs no decode forward, so nothing but the finished
+    # ids told the runner that these rows are gone.
+    (second,) = llm.generate(token_prompts(32, [18]), SamplingParams(max_tokens=1, ignore_eos=True))
+    assert context.request_ids == [second.request_id]
+
+
+def test_decoding_rows_continue_their_rows_and_are_never_refilled(llm, monkeypatch):
+    context = llm._runner.decode_context
+    fills = []
+    append = type(context)._append
+
+    def counting_append(self, indices, *args):
+        fills.extend(indices)
+        return append(self, indices, *args)
+
+    monkeypatch.setattr(type(context), "_append", counting_append)
+    llm.generate(token_prompts(33, [20, 27, 33]), SamplingParams(max_tokens=6, ignore_eos=True))
+    assert len(fills) == 3  # one fresh row per prompt, at its prefill's last token; decodes continue them
