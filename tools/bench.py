@@ -13,6 +13,14 @@ the hit rates come from the engine's own counters.
     tools/bench --json out.json --plot docs/bench.png
     tools/bench --blas reference         # MLX's bundled reference BLAS (slow; bit-exact rows)
     ENGINE_DEVICE=gpu tools/bench        # the same tool on a GPU
+    tools/bench --url http://127.0.0.1:8000                      # any OpenAI-compatible server
+    tools/bench --serve engine --serve mlx-lm-server --offline   # both servers and the offline engine
+
+Servers (``--url``, ``--serve``; tools/bench_http.py) get the same workload over HTTP,
+streamed, one after another, in one side-by-side table with the offline sides of ``--offline``
+(tools/bench_side_by_side.py); their prompts are whole-word tokens, so that a server that takes
+only text reads them as the intended ids (tools/bench_text.py), and the offline sides of the
+same run get the same prompts.
 
 Which BLAS runs: on Linux the mlx[cpu] wheel bundles reference (netlib) BLAS, about 30x
 slower here than OpenBLAS. ``--blas auto`` (the default) preloads OpenBLAS when it is
@@ -123,9 +131,54 @@ def num_parameters(model_dir: Path) -> int:
     return total
 
 
-def run(args) -> dict:
+def workload_of(args) -> Workload:
+    return Workload(args.prefix_len, args.suffix_len, args.num_prefixes, args.num_prompts, args.output_len, args.seed)
+
+
+def engine_settings_of(args, workload: Workload) -> dict:
+    """The engine's settings for this workload: by default a pool with room for every request at once."""
+    blocks_per_request = -(-(workload.prompt_len + workload.output_len) // args.block_size)
+    return {
+        "block_size": args.block_size,
+        "num_kv_blocks": args.num_kv_blocks or workload.num_prompts * blocks_per_request + 64,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": max(4096, workload.prompt_len + workload.output_len),
+    }
+
+
+def describe_run(args, workload: Workload, engine_settings: dict, model_parameters: int, device: str) -> dict:
+    """What a result records besides its measurements: workload, settings, versions, machine."""
     import mlx.core as mx
     import mlx_lm
+
+    return {
+        "workload": {field: getattr(workload, field) for field in Workload.__dataclass_fields__},
+        "engine": engine_settings,
+        "mlx_lm": {
+            "completion_batch_size": args.max_num_seqs,
+            "prefill_batch_size": MLX_LM_PREFILL_BATCH_SIZE,
+            "prefill_step_size": MLX_LM_PREFILL_STEP_SIZE,
+        },
+        "model": args.model,
+        "model_parameters": model_parameters,
+        "device": device,
+        "mlx_version": mx.__version__,
+        "mlx_lm_version": mlx_lm.__version__,
+        "blas": blas_in_use() if device == "cpu" else f"n/a ({device})",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "repeats": args.repeats,
+        "command": " ".join(["tools/bench", *sys.argv[1:]]),
+    }
+
+
+def run(args, prompts: list[list[int]] | None = None) -> dict:
+    """The offline sides; ``prompts`` (token ids) replace the workload's own draws where given."""
     from tqdm import tqdm
 
     from engine import LLM, SamplingParams
@@ -135,22 +188,13 @@ def run(args) -> dict:
         select_device(args.device)
     except (RuntimeError, ValueError) as error:
         sys.exit(f"tools/bench: {error}")
-    workload = Workload(
-        args.prefix_len, args.suffix_len, args.num_prefixes, args.num_prompts, args.output_len, args.seed
-    )
-    blocks_per_request = -(-(workload.prompt_len + workload.output_len) // args.block_size)
-    num_kv_blocks = args.num_kv_blocks or workload.num_prompts * blocks_per_request + 64
-    engine_settings = {
-        "block_size": args.block_size,
-        "num_kv_blocks": num_kv_blocks,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": max(4096, workload.prompt_len + workload.output_len),
-    }
+    workload = workload_of(args)
+    engine_settings = engine_settings_of(args, workload)
     started = time.perf_counter()
     llm = LLM(model=args.model, enable_prefix_caching=False, device=args.device, **engine_settings)
     peer_model = load_peer_model(llm.model_path) if "mlx_lm" in args.sides else None
-    prompts = prefix_repetition_prompts(workload, llm.vocab_size, llm.tokenizer.eos_token_ids or ())
+    if prompts is None:
+        prompts = prefix_repetition_prompts(workload, llm.vocab_size, llm.tokenizer.eos_token_ids or ())
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
 
     total = len(args.sides) * args.repeats * workload.num_prompts * workload.output_len
@@ -204,27 +248,7 @@ def run(args) -> dict:
 
     summary = {side: summarize(passes[side]) for side in args.sides}
     result = {
-        "workload": {field: getattr(workload, field) for field in Workload.__dataclass_fields__},
-        "engine": engine_settings,
-        "mlx_lm": {
-            "completion_batch_size": args.max_num_seqs,
-            "prefill_batch_size": MLX_LM_PREFILL_BATCH_SIZE,
-            "prefill_step_size": MLX_LM_PREFILL_STEP_SIZE,
-        },
-        "model": args.model,
-        "model_parameters": model_parameters,
-        "device": device,
-        "mlx_version": mx.__version__,
-        "mlx_lm_version": mlx_lm.__version__,
-        "blas": blas_in_use() if device == "cpu" else f"n/a ({device})",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "repeats": args.repeats,
-        "command": " ".join(["tools/bench", *sys.argv[1:]]),
+        **describe_run(args, workload, engine_settings, model_parameters, device),
         "sides": {side: {"summary": summary[side], "passes": passes[side]} for side in args.sides},
         "wall_s": time.perf_counter() - started,
     }
@@ -273,6 +297,121 @@ def run(args) -> dict:
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(30)
         Path(args.profile).write_text(stream.getvalue())
+    return result
+
+
+# -- servers over HTTP ----------------------------------------------------------------
+
+
+def url_target(value: str) -> tuple[str, str, str]:
+    """--url [NAME=]URL -> ("url", NAME, URL); the name defaults to the URL's host:port."""
+    name, sep, url = value.partition("=")
+    if not sep or "://" in name:
+        name, url = value.split("://", 1)[-1].rstrip("/"), value
+    if not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{value!r}: a URL starts with http:// or https://")
+    return ("url", name, url.rstrip("/"))
+
+
+def serve_target(value: str) -> tuple[str, str, str]:
+    from tools.bench_serve import LABELS, SERVERS, available
+
+    if value not in SERVERS:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(SERVERS)}")
+    if why := available(value):
+        raise argparse.ArgumentTypeError(why)
+    return ("serve", value, LABELS[value])
+
+
+def expected_server_hits(kind: str, name: str, workload: Workload, block_size: int,
+                         lengths: list[int]) -> dict | None:
+    """The hit rates a server's design implies on this workload, where the bench knows it."""
+    if kind == "serve" and name == "engine":
+        cold, warm, queries = expected_hit_tokens(workload, block_size)
+        return {"cold": cold / queries, "warm": warm / queries,
+                "why": f"block size {block_size}, full blocks only, never a prompt's last token"}
+    if kind == "serve" and name == "mlx-lm-server":
+        # A token trie keyed by prompt + output, filled when a request finishes: the cold pass
+        # (every request in before the first one ends) finds nothing; in the warm pass each
+        # prompt walks into its own earlier sequence and is served all but its last token.
+        return {"cold": 0.0, "warm": sum(n - 1 for n in lengths) / sum(lengths),
+                "why": "a token trie of finished sequences: cold nothing (while no request of the pass "
+                "has finished), warm n - 1 of every prompt's n tokens"}
+    return None
+
+
+def run_servers(args) -> dict:
+    """The servers of --url and --serve, one after another, and the offline sides with --offline."""
+    from tqdm import tqdm
+
+    from engine.models import resolve_model
+    from engine.runner.device import select_device
+    from tools import bench_serve
+    from tools.bench_http import ServerError, measure
+    from tools.bench_text import http_plan, load_tokenizer
+
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    if args.device:
+        os.environ["ENGINE_DEVICE"] = args.device  # engine serve's device (mlx_lm.server picks its own)
+    workload = workload_of(args)
+    folder = resolve_model(args.model)
+    plan = http_plan(workload, load_tokenizer(folder))
+    settings = engine_settings_of(args, workload)
+    if args.offline:
+        result = run(args, prompts=plan.prompts)
+    else:
+        try:
+            device = select_device(args.device)
+        except (RuntimeError, ValueError) as error:
+            sys.exit(f"tools/bench: {error}")
+        result = describe_run(args, workload, settings, num_parameters(folder), device)
+        del result["mlx_lm"]  # no offline mlx-lm side
+    mlx_lm_settings = {
+        "completion_batch_size": args.max_num_seqs,
+        "prefill_batch_size": MLX_LM_PREFILL_BATCH_SIZE,
+        "prefill_step_size": MLX_LM_PREFILL_STEP_SIZE,
+        # Room for every sequence of the run (each pass's, the warm-up's and the probe's).
+        "prompt_cache_size": args.repeats * workload.num_prompts + len(plan.warmup) + 1,
+    }
+    bar = tqdm(
+        total=len(args.targets) * args.repeats * workload.num_prompts * workload.output_len,
+        unit="chunk",
+        desc="servers",
+        disable=args.no_progress,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    servers = {}
+    for kind, name, where in args.targets:
+        bar.set_description(name)
+        server = None
+        try:
+            if kind == "serve":
+                server = bench_serve.start(name, folder, settings, mlx_lm_settings)
+                url, label, command = server.url, where, " ".join(server.command)
+            else:
+                url, label, command = where, name, None
+            measured = measure(url, plan, args.repeats, args.max_concurrency, lambda: bar.update(1))
+        except (ServerError, RuntimeError) as error:
+            tail = f"\n{name}'s log:\n{server.log_tail()}" if server is not None else ""
+            sys.exit(f"tools/bench: {name}: {error}{tail}")
+        finally:
+            if server is not None:
+                server.stop()
+        lengths = [len(p) for p in plan.prompts] if measured["prompt_as"] == "token_ids" else plan.text_lengths
+        servers[name] = {
+            "label": label,
+            "command": command,
+            **measured,
+            "expected_hit_rate": expected_server_hits(kind, name, workload, args.block_size, lengths),
+        }
+    bar.close()
+    result["servers"] = servers
+    result["prompts"] = "whole-word tokens of the model's tokenizer (tools/bench_text.py)"
+    result["max_concurrency"] = args.max_concurrency
+    result["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
+    result["wall_s"] = time.perf_counter() - started
     return result
 
 
@@ -467,7 +606,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile", metavar="PATH", help="cProfile the engine passes; write the top functions"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    servers = parser.add_argument_group(
+        "servers over HTTP", "the same workload against OpenAI-compatible servers (POST /v1/completions, "
+        "streamed), measured one after another in the order given, side by side in one table"
+    )
+    servers.add_argument(
+        "--url", dest="targets", action="append", type=url_target, metavar="[NAME=]URL",
+        help="a running server, e.g. http://127.0.0.1:8000 or vllm=http://gpu:8000 (repeatable)",
+    )
+    servers.add_argument(
+        "--serve", dest="targets", action="append", type=serve_target, metavar="SERVER",
+        help="start this server on the bench's model and settings, measure it, stop it: "
+        "engine (python -m engine.serve) or mlx-lm-server (python -m mlx_lm server) (repeatable)",
+    )
+    servers.add_argument(
+        "--offline", action="store_true", help="with servers: also run the offline sides (--sides) in the same run"
+    )
+    servers.add_argument(
+        "--max-concurrency", type=int, default=None,
+        help="requests in flight at most; unset: all at once (vllm bench serve --request-rate inf)",
+    )
     args = parser.parse_args(argv)
+    args.targets = args.targets or []
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
@@ -479,14 +639,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sides = [side for side in SIDES if side in chosen]  # always in this order
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        parser.error("--max-concurrency must be >= 1")
+    if args.targets and args.plot:
+        parser.error("--plot draws the offline sides only; leave out --url and --serve")
+    if args.targets and args.profile and not args.offline:
+        parser.error("--profile profiles the offline engine passes: add --offline")
+    names = [name for _, name, _ in args.targets]
+    if len(set(names)) < len(names):
+        parser.error(f"two servers of the same name in {names}: name them, --url NAME=URL")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_blas(args.blas)
-    result = run(args)
-    print(table(result), flush=True)
+    if args.targets:
+        from tools.bench_side_by_side import render
+
+        result = run_servers(args)
+        print(render(result), flush=True)
+    else:
+        result = run(args)
+        print(table(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if args.plot:
