@@ -76,7 +76,7 @@ class ModelRunner:
 
     def execute(self, step: StepInput | list[ChunkInput]) -> mx.array:
         """Compute every chunk; return the logits after each chunk's last token, ``[chunks, vocab]``
-        in chunk order, on the device (evaluated)."""
+        in chunk order, on the device (launched; the caller's sampling waits for them)."""
         if not isinstance(step, StepInput):
             step = StepInput(step)
         chunks = step.chunks
@@ -100,9 +100,7 @@ class ModelRunner:
             for index, row_logits in zip(group, self._forward_prefill([chunks[i] for i in group]), strict=True):
                 logits[index] = row_logits
             start = stop
-        stacked = mx.stack(logits)
-        mx.eval(stacked)
-        return stacked
+        return mx.stack(logits)
 
     def _forward_prefill(self, chunks: list[ChunkInput]) -> list[mx.array]:
         """Chunks of one shape, together, in two parts, as mlx-lm's batch generator does.
@@ -141,9 +139,14 @@ class ModelRunner:
         return by_input
 
     def _evaluate(self, logits: mx.array | None = None) -> None:
-        """Run the forward: its logits (if any) and its writes to the pool and the context."""
+        """Start the forward: its logits (if any) and its writes to the pool and the context.
+
+        Launched, not waited for (``async_eval``): the next forward's graph is built while the
+        device runs this one, and the step waits once, for its sampled tokens. Every forward is
+        still launched before the next one is built, so each pool write finds its buffer free
+        to update in place."""
         outputs = [self.pool.keys, self.pool.values, self.decode_context.keys, self.decode_context.values]
-        mx.eval(*outputs, *([] if logits is None else [logits]))
+        mx.async_eval(*outputs, *([] if logits is None else [logits]))
 
     def _hidden(self, inputs: mx.array, batch) -> mx.array:
         caches = [PagedLayerCache(self.pool, layer, batch) for layer in range(len(self.model.layers))]
