@@ -96,10 +96,12 @@ class DecodeContext:
     def _append(
         self, indices: list[int], request_ids: list[str], block_tables: list[list[int]], positions: list[int]
     ) -> list[int]:
-        """New rows for inputs ``indices``, filled with their positions before this one from the pool."""
+        """New rows for inputs ``indices``, filled with their positions before this one from the pool.
+
+        Also where continuing rows grow: the capacity is reserved for every row's new position."""
+        self._reserve(len(self.request_ids) + len(indices), max(positions) + 1)
         if not indices:
             return indices
-        self._reserve(len(self.request_ids) + len(indices), max(positions) + 1)
         pool_rows, target_rows = [], []
         for index in indices:
             table, position = block_tables[index], positions[index]
