@@ -1,6 +1,6 @@
 """The ``openai`` target: any OpenAI-compatible server at ``options.url``.
 
-vLLM (and vllm-metal's ``vllm serve``), ``mlx_lm.server``, or this repository's future
+vLLM (and vllm-metal's ``vllm serve``), ``mlx_lm.server``, or this repository's
 ``engine serve``. What the server offers is found by probing it once, at open, and each
 capability's evidence is kept in ``target.evidence`` (and logged):
 
@@ -41,6 +41,7 @@ from suites.targets.protocol import Capabilities, Completion, TargetOptions
 log = logging.getLogger(__name__)
 
 VLLM_DEFAULT_BLOCK_SIZE = 16
+VLLM_LIKE = ("vllm", "engine serve")  # servers with vLLM's routes, fields and rules
 COUNTER_NAMES = (  # (queries, hits), in tokens; the first pair the server exposes is used
     ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"),
     ("prefix_cache_queries_total", "prefix_cache_hits_total"),  # this engine's prometheus_text
@@ -219,9 +220,10 @@ class OpenAITarget:
             self.evidence["cache_off"] = "no reference_url given"
         self._counter_name = self._detect_counters()
         self._baseline = (0, 0)
-        self.ignores_eos = self.kind == "vllm"
+        self.ignores_eos = self.kind in VLLM_LIKE
         self.evidence["ignores_eos"] = {
             "vllm": "vLLM honours ignore_eos",
+            "engine serve": "engine serve honours ignore_eos",
             "mlx_lm.server": "no: mlx_lm.server always stops at EOS (its stop sequences hold the EOS ids)",
         }.get(self.kind, "ignore_eos is sent; whether it is honoured is unknown")
         capabilities = Capabilities(
@@ -285,10 +287,12 @@ class OpenAITarget:
             return "openai", None, "unknown"
         models = _json(self.client.get("/v1/models")).get("data") or [{}]
         model = models[0].get("id")
+        # This repository's `engine serve` speaks vLLM's routes and names itself as the owner.
+        kind = "engine serve" if models[0].get("owned_by") == "engine" else "vllm"
         self.evidence["kind"] = (
-            f"vllm (GET /version: {version!r}, vllm: metrics: {vllm_metrics}); model {model!r}"
+            f"{kind} (GET /version: {version!r}, vllm: metrics: {vllm_metrics}); model {model!r}"
         )
-        return "vllm", model, str(version or "unknown")
+        return kind, model, str(version or "unknown")
 
     def _identify_by_fingerprint(self, answer: dict) -> tuple[str, str]:
         fingerprint = str(answer.get("system_fingerprint") or "")
@@ -302,7 +306,7 @@ class OpenAITarget:
         if block_size is not None:
             self.evidence["hit_granularity"] = f"{block_size}, as given (the server's block size)"
             return block_size
-        if self.kind == "vllm":
+        if self.kind in VLLM_LIKE:
             self.evidence["hit_granularity"] = (
                 f"{VLLM_DEFAULT_BLOCK_SIZE}: vLLM's default, assumed; "
                 "pass the server's --block-size if it runs another"
@@ -362,13 +366,13 @@ class OpenAITarget:
             self.evidence["cache_salt"] = f"{declared}, as given"
             return declared
         self.evidence["cache_salt"] = (
-            "vLLM takes cache_salt in the request body" if self.kind == "vllm"
+            f"{self.kind} takes cache_salt in the request body, as vLLM" if self.kind in VLLM_LIKE
             else "not vLLM: a server ignores an unknown cache_salt field silently, so none is declared"
         )
-        return self.kind == "vllm"
+        return self.kind in VLLM_LIKE
 
     def _output_kv(self, capabilities: Capabilities) -> str:
-        known = {"vllm": "all-but-last", "mlx_lm.server": "all"}.get(self.kind, "none")
+        known = {"vllm": "all-but-last", "engine serve": "all-but-last", "mlx_lm.server": "all"}.get(self.kind, "none")
         if not (capabilities.cached_tokens and capabilities.hit_granularity):
             self.evidence["output_kv"] = f"{known}: not measured (no cached_tokens), from the server's make"
             return known
