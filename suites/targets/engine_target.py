@@ -1,6 +1,6 @@
 """The ``engine`` target: this repository's engine, in process (the default target)."""
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from engine import LLM, SamplingParams
 from suites.targets.protocol import Capabilities, Completion, TargetOptions
@@ -13,7 +13,10 @@ class EngineTarget:
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self.version = version("mlx-prefix-conformance")
+        try:
+            self.version = version("mlx-prefix-conformance")
+        except PackageNotFoundError:  # a source tree on PYTHONPATH (tools/gpu on the lent GPU)
+            self.version = "source tree, not installed"
         self.capabilities = Capabilities(
             hit_granularity=llm.config.block_size,
             cached_tokens=True,
