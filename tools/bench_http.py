@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from tools.bench_workload import latency_metrics
+
 # mlx_lm.server's system_fingerprint: "{mlx-lm version}-{mlx version}-{platform}-{gpu arch}".
 MLX_LM_FINGERPRINT = re.compile(r"^\d+\.\d+\.\d+[\w.]*-\d+\.\d+\.\d+[\w.]*-")
 COUNTER_NAMES = (  # (queries, hits) in tokens: vLLM's, then this engine's prometheus_text
@@ -289,27 +291,7 @@ def stream_metrics(start: float, records: Sequence[StreamRecord]) -> dict[str, f
     ])
     itl = np.concatenate([np.diff(r.chunk_times) for r in records])
     duration = max(r.chunk_times[-1] for r in records) - start
-    ms = 1000.0
-
-    def stat(values: np.ndarray, q: float | None = None) -> float:
-        if values.size == 0:
-            return float("nan")
-        return float(np.mean(values) if q is None else np.percentile(values, q))
-
-    return {
-        "throughput": sum(r.output_tokens for r in records) / duration,
-        "ttft_mean": stat(ttft) * ms,
-        "ttft_p50": stat(ttft, 50) * ms,
-        "ttft_p99": stat(ttft, 99) * ms,
-        "tpot_p50": stat(tpot, 50) * ms,
-        "tpot_p99": stat(tpot, 99) * ms,
-        "itl_mean": stat(itl) * ms,
-        "itl_p50": stat(itl, 50) * ms,
-        "itl_p99": stat(itl, 99) * ms,
-        "e2el_p50": stat(e2el, 50) * ms,
-        "e2el_p99": stat(e2el, 99) * ms,
-        "duration": duration,
-    }
+    return latency_metrics(ttft, tpot, itl, e2el, sum(r.output_tokens for r in records), duration)
 
 
 def check_prompt_tokens(shape: ServerShape, records: Sequence[StreamRecord], expected: Sequence[int]) -> None:

@@ -112,7 +112,13 @@ def pass_metrics(arrival: float, token_times: Sequence[Sequence[float]]) -> dict
     e2el = np.array([times[-1] - arrival for times in token_times])
     tpot = np.array([(times[-1] - times[0]) / (len(times) - 1) for times in token_times if len(times) > 1])
     itl = np.concatenate([np.diff(times) for times in token_times])
-    duration = float(e2el.max())
+    return latency_metrics(ttft, tpot, itl, e2el, sum(len(times) for times in token_times), float(e2el.max()))
+
+
+def latency_metrics(
+    ttft: np.ndarray, tpot: np.ndarray, itl: np.ndarray, e2el: np.ndarray, output_tokens: int, duration: float
+) -> dict[str, float]:
+    """METRICS from per-request latencies (s): means and percentiles in ms, throughput in tok/s."""
     ms = 1000.0
 
     def stat(values: np.ndarray, q: float | None = None) -> float:
@@ -121,7 +127,7 @@ def pass_metrics(arrival: float, token_times: Sequence[Sequence[float]]) -> dict
         return float(np.mean(values) if q is None else np.percentile(values, q))
 
     return {
-        "throughput": sum(len(times) for times in token_times) / duration,
+        "throughput": output_tokens / duration,
         "ttft_mean": stat(ttft) * ms,
         "ttft_p50": stat(ttft, 50) * ms,
         "ttft_p99": stat(ttft, 99) * ms,

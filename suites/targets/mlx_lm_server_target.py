@@ -19,89 +19,27 @@ with the server's error, and every later call raises "server died earlier: ..." 
 no retry, no restart.
 """
 
-import re
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from functools import wraps
 from pathlib import Path
-
-import httpx
 
 from engine.models import resolve_model
 from suites.targets.openai_target import OpenAITarget, ServerError
 from suites.targets.protocol import Completion, TargetOptions
+from suites.targets.server_process import ServerProcess, free_port
 
 START_TIMEOUT_S = 120.0
-LOG_TAIL_LINES = 30
 
 
 class ServerDied(ServerError):
     """The mlx_lm.server under test can serve no more requests."""
 
 
-class ServerProcess:
-    """One ``python -m mlx_lm server`` subprocess, its port and its log."""
-
-    def __init__(self, model_folder: Path, *extra_args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix=f"mlx-lm-server-{self.port}-", suffix=".log")[1])
-        command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_folder),
-                   "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.command = " ".join(command)
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"{self.command} exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0, trust_env=False).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise ServerError(f"{self.command} did not answer GET /health in {timeout:.0f} s:\n{self.log_tail()}")
-
-    def healthy(self) -> bool:
-        """GET /health: mlx_lm.server answers 503 once its generation thread has died."""
-        if self.process.poll() is not None:
-            return False
-        try:
-            return httpx.get(f"{self.url}/health", timeout=5.0, trust_env=False).is_success
-        except httpx.HTTPError:
-            return False
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        text = self.log_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def error_lines(self) -> str:
-        """The log's exception lines (e.g. "ValueError: Sequence 3 has an empty prompt.")."""
-        text = self.log_path.read_text(errors="replace")
-        found = re.findall(r"^(?:\w+\.)*\w*(?:Error|Exception): .*$|^.*generation thread died: .*$", text, re.M)
-        return "\n".join(dict.fromkeys(found)) or "(no exception in the server's log)"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_path.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def start_mlx_lm_server(model_folder: Path, *extra_args: str) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_folder),
+               "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    return ServerProcess(command, port, log_prefix="mlx-lm-server")
 
 
 def _until_dead(method):
@@ -130,11 +68,11 @@ class MlxLmServerTarget:
     def __init__(self, model_folder: Path) -> None:
         self.dead: str | None = None  # why the server under test can serve no more, once it cannot
         self.client: OpenAITarget | None = None
-        self.server = ServerProcess(model_folder)
-        self.reference_server = ServerProcess(model_folder, "--prompt-cache-size", "0")
+        self.server = start_mlx_lm_server(model_folder)
+        self.reference_server = start_mlx_lm_server(model_folder, "--prompt-cache-size", "0")
         try:
-            self.server.wait_ready()
-            self.reference_server.wait_ready()
+            self.server.wait_ready(START_TIMEOUT_S, paths=("/health",))
+            self.reference_server.wait_ready(START_TIMEOUT_S, paths=("/health",))
             self.client = OpenAITarget(self.server.url, model_folder, block_size=1,
                                        reference_url=self.reference_server.url)
         except BaseException:
@@ -145,7 +83,7 @@ class MlxLmServerTarget:
             raise ServerError(f"{self.server.url} is not mlx_lm.server: {self.client.evidence['kind']}")
         self.version = self.client.version
         self.capabilities = self.client.capabilities
-        self.evidence = {**self.client.evidence, "server": self.server.command}
+        self.evidence = {**self.client.evidence, "server": " ".join(self.server.command)}
 
     @_until_dead
     def generate(self, prompts: list[list[int]], max_tokens: int,
