@@ -16,8 +16,8 @@ from engine.outputs import RequestOutput, TokenUpdate, prometheus_text
 from engine.request import Request
 from engine.runner.device import select_device
 from engine.runner.model_runner import ChunkInput, ModelRunner, StepInput, kv_geometry
-from engine.runner.sampler import sample_rows
 from engine.runner.paged_attention import KVPool
+from engine.runner.sampler import sample_rows
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 

@@ -52,22 +52,6 @@ class ConformanceReport:
 
     # -- what tests record --------------------------------------------------------------
 
-    @property
-    def golden_cases(self) -> int:
-        return self.measured.golden_cases
-
-    @golden_cases.setter
-    def golden_cases(self, value: int) -> None:
-        self.measured.golden_cases = value
-
-    @property
-    def steps_not_comparable(self) -> int:
-        return self.measured.steps_not_comparable
-
-    @steps_not_comparable.setter
-    def steps_not_comparable(self, value: int) -> None:
-        self.measured.steps_not_comparable = value
-
     def record_hit_rate(self, label: str, hits: int, queries: int) -> None:
         total = self.measured.hit_rates.setdefault(label, [0, 0])
         total[0] += hits
@@ -189,7 +173,6 @@ class ConformanceReport:
             ("MLX", mlx_version),
         ]
         return rows
-
 
     # -- machine-readable -----------------------------------------------------------------------
 

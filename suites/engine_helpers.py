@@ -36,7 +36,7 @@ def comparable_steps(reference_logits: np.ndarray) -> int:
     top_two = np.sort(reference_logits, axis=-1)[:, -2:]
     thin = np.flatnonzero(top_two[:, 1] - top_two[:, 0] < NOISE_BOUND)
     steps = int(thin[0]) if len(thin) else len(reference_logits)
-    REPORT.steps_not_comparable += len(reference_logits) - steps
+    REPORT.measured.steps_not_comparable += len(reference_logits) - steps
     return steps
 
 

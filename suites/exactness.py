@@ -30,10 +30,10 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
+from engine.models import EMBEDDED_MODELS
+
 EXACTNESS_ENV = "ENGINE_EXACTNESS"
 
-# The embedded tiny models' shapes (engine/models.py, TINY) in float32: the default probe.
-TINY_SHAPES = dict(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=1024)
 ROW_COUNTS = (2, 3, 8, 32, 128, 512)
 
 
@@ -133,8 +133,20 @@ def _probe_norm_and_rope(probe: _Probe, shapes: dict) -> None:
     probe.compare("RoPE, array offset vs int offset", per_row, sequence[:, :, -1:])
 
 
+def model_shapes(config: dict) -> tuple[tuple[str, int], ...]:
+    """The probe's shapes for a model's config.json."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return tuple(dict(hidden=config["hidden_size"], heads=config["num_attention_heads"],
+                      kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]), head_dim=head_dim,
+                      intermediate=config["intermediate_size"], vocab=config["vocab_size"]).items())
+
+
+# The embedded tiny models' shapes (both share engine/models.py's TINY), float32: the default probe.
+DEFAULT_SHAPES = model_shapes(EMBEDDED_MODELS["tiny-qwen3"].config)
+
+
 @cache
-def measure_exactness(shapes: tuple[tuple[str, int], ...] = tuple(TINY_SHAPES.items()), dtype: str = "float32") -> Exactness:
+def measure_exactness(shapes: tuple[tuple[str, int], ...] = DEFAULT_SHAPES, dtype: str = "float32") -> Exactness:
     """Probe this device and dtype at ``shapes`` (hidden, heads, kv_heads, head_dim, intermediate, vocab)."""
     probe = _Probe(getattr(mx, dtype))
     shape_map = dict(shapes)
@@ -149,15 +161,7 @@ def measure_exactness(shapes: tuple[tuple[str, int], ...] = tuple(TINY_SHAPES.it
     return Exactness(not probe.differences, evidence, tuple(probe.differences), probe.digest.hexdigest()[:16])
 
 
-def model_shapes(config: dict) -> tuple[tuple[str, int], ...]:
-    """The probe's shapes for a model's config.json."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return tuple(dict(hidden=config["hidden_size"], heads=config["num_attention_heads"],
-                      kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]), head_dim=head_dim,
-                      intermediate=config["intermediate_size"], vocab=config["vocab_size"]).items())
-
-
-def exactness(shapes: tuple[tuple[str, int], ...] = tuple(TINY_SHAPES.items())) -> Exactness:
+def exactness(shapes: tuple[tuple[str, int], ...] = DEFAULT_SHAPES) -> Exactness:
     """The mode of this run: the probe's verdict, unless ENGINE_EXACTNESS=tokens asks for the token mode."""
     measured = measure_exactness(shapes)
     forced = os.environ.get(EXACTNESS_ENV, "auto").lower()

@@ -46,18 +46,6 @@ class GoldenError(ValueError):
     pass
 
 
-class GoldenExtension(JSONSnapshotExtension):
-    """Snapshots live in ``golden/``, named by the index given to ``snapshot(name=model)``."""
-
-    @classmethod
-    def dirname(cls, *, test_location) -> str:
-        return str(GOLDEN_DIR)
-
-    @classmethod
-    def get_snapshot_name(cls, *, test_location, index=0) -> str:
-        return str(index)
-
-
 def golden_name(model: str) -> str:
     """A model's name in its golden file: an embedded name as is, a folder by its last part
     (so the golden of ``~/models/Qwen3-0.6B`` is ``<golden dir>/Qwen3-0.6B.json`` on every machine)."""
@@ -69,8 +57,8 @@ def golden_path(model: str) -> Path:
 
 
 def serialize_golden(golden: dict) -> str:
-    """The exact text syrupy compares against: sorted keys, two-space indent, final newline."""
-    return GoldenExtension().serialize(golden)
+    """The golden's text, in syrupy's JSON snapshot format: sorted keys, two-space indent, final newline."""
+    return JSONSnapshotExtension().serialize(golden)
 
 
 def producer() -> dict:

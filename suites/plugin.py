@@ -48,13 +48,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*capabilities): the target capabilities a rule needs (suites/targets/protocol.py)")
 
 
-def target_options(config) -> TargetOptions:
+def target_model(config) -> str:
+    """The target's model as the user named it (--target-model), or the engine's default."""
     from engine.llm import DEFAULT_MODEL
+
+    return config.getoption("--target-model") or DEFAULT_MODEL
+
+
+def target_options(config) -> TargetOptions:
     from engine.models import resolve_model
 
-    model = config.getoption("--target-model") or DEFAULT_MODEL
     return TargetOptions(
-        model=str(resolve_model(model)),
+        model=str(resolve_model(target_model(config))),
         url=config.getoption("--target-url"),
         reference_url=config.getoption("--target-reference-url"),
         block_size=config.getoption("--target-block-size"),
@@ -168,12 +173,11 @@ def target(request):
 def target_golden(request):
     """The committed cache-off golden of the target's model (the embedded tiny models have one),
     checked against the model folder's weights; without one, the golden rules are not applicable."""
-    from engine.llm import DEFAULT_MODEL
     from engine.models import weight_checksum
     from suites import golden
     from suites.golden_cases import golden_cases
 
-    model = request.config.getoption("--target-model") or DEFAULT_MODEL
+    model = target_model(request.config)
     if not golden.golden_path(model).exists():
         pytest.skip(f"{NOT_APPLICABLE}: no golden file for model {golden.golden_name(model)!r} in {golden.GOLDEN_DIR}")
     committed = golden.load_golden(model, weight_checksum(target_options(request.config).model))
@@ -237,8 +241,10 @@ def pytest_terminal_summary(terminalreporter, config):
         path = Path(config.getoption("--conformance-json"))
         path.write_text(json.dumps(REPORT.as_json(device, version), indent=2, sort_keys=True) + "\n")
         terminalreporter.write_line(f"conformance report written to {path}")
-    markdown_paths = [config.getoption("--conformance-markdown"), os.environ.get("GITHUB_STEP_SUMMARY")]
-    for place in filter(None, markdown_paths):
-        with open(place, "a" if place == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as out:
-            out.write(REPORT.as_markdown(device, version))
+    markdown = REPORT.as_markdown(device, version)
+    if config.getoption("--conformance-markdown"):
+        Path(config.getoption("--conformance-markdown")).write_text(markdown)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):  # GitHub Actions: the job page's summary, appended to
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as out:
+            out.write(markdown)
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 def test_cache_off_equals_golden(llm, model, conformance):
     fresh = golden.cache_off_golden(llm, model)
     committed = golden.load_golden(model, llm.weight_checksum)
-    conformance.golden_cases += len(fresh["cases"])
+    conformance.measured.golden_cases += len(fresh["cases"])
     # Same measured arithmetic as tools/regen's run: every byte, margins included (so the
     # top-2 logits of every step are bit-identical to the golden run). Elsewhere (another
     # BLAS, Metal, CUDA) tokens exactly and margins within the backend's noise.

@@ -103,7 +103,7 @@ def test_real_cache_off_equals_golden(real_llm, real_model, conformance):
     cases = chat_catalogue(real_llm.tokenizer).cases
     committed = load_real_golden(real_llm, real_model, cases)
     fresh = golden.cache_off_golden(real_llm, real_model.path, cases)
-    conformance.golden_cases += len(fresh["cases"])
+    conformance.measured.golden_cases += len(fresh["cases"])
     same_bytes = golden.same_arithmetic(committed, real_llm)
     assert golden.golden_differences(committed, fresh, same_bytes=same_bytes) == []
 
