@@ -17,9 +17,9 @@ from engine.request import Request
 from engine.runner.device import select_device
 from engine.runner.model_runner import ChunkInput, ModelRunner, StepInput, kv_geometry
 from engine.runner.paged_attention import KVPool
-from engine.runner.sampler import sample_rows
+from engine.runner.sampler import LaunchedSampling, collect, launch_sampling
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hash_algorithm not in HASH_FUNCTIONS:
             raise ValueError(f"unknown hash_algorithm {self.hash_algorithm!r}; choose from {sorted(HASH_FUNCTIONS)}")
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose forward and sampling are launched on the device, its tokens not yet read."""
+
+    scheduled: list[ScheduledChunk]
+    sampled: list[Request]  # the requests it samples a token for, in sampling row order
+    sampling: LaunchedSampling
 
 
 DEFAULT_MODEL = "tiny-qwen3"
@@ -77,6 +86,8 @@ class LLM:
         self._request_counter = itertools.count()
         self._live: dict[str, Request] = {}  # queued or running, by id
         self._pool: KVPool | None = None
+        self._ahead: LaunchedStep | None = None  # the next step, launched before this one's tokens were read
+        self.num_steps_ahead = 0  # steps launched ahead so far (the suites check that the path is taken)
         self._load_model(model)
         self._allocate_pool(num_kv_blocks * block_size, block_size)
         self._build()
@@ -156,11 +167,15 @@ class LLM:
         A finished request's update carries its whole output, and the engine forgets it. If
         the step raises, every unfinished request is aborted (their blocks freed) and the
         exception propagates: a step cut short leaves nothing half-done behind.
+
+        Where the next step cannot depend on this step's tokens (``Scheduler.schedule_ahead``),
+        it is launched before this one's tokens are read, so the device never waits for the
+        host; a request added after this call then joins the step after that one.
         """
         try:
             sampled = self._step()
         except BaseException:
-            self._abort(list(self._live.values()))
+            self._abort(list(self._live.values()), cut_short=True)
             raise
         updates = []
         for request in sampled:
@@ -185,10 +200,12 @@ class LLM:
         self._live[request.request_id] = request
         self._scheduler.add(request)
 
-    def _abort(self, requests: list[Request]) -> None:
+    def _abort(self, requests: list[Request], cut_short: bool = False) -> None:
         for request in requests:
             self._live.pop(request.request_id, None)
-        self._scheduler.abort(requests)
+        self._scheduler.abort(requests, cut_short)
+        if self._ahead is not None and not any(r.request_id in self._live for r in self._ahead.sampled):
+            self._ahead = None  # its rows, still computing, are never read
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return copy.copy(self._kv.stats)
@@ -235,6 +252,7 @@ class LLM:
         self._pool = None
         self._model = None
         self._runner = None
+        self._ahead = None
         mx.clear_cache()
 
     def __enter__(self) -> "LLM":
@@ -318,26 +336,65 @@ class LLM:
 
     def _step(self) -> list[Request]:
         """Run one scheduled step; return the requests that got a new token, in schedule order."""
-        scheduled = self._scheduler.schedule()
-        if not scheduled:
-            raise RuntimeError("the scheduler made no progress (pool too small for the running requests)")
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            scheduled = self._scheduler.schedule()
+            if not scheduled:
+                raise RuntimeError("the scheduler made no progress (pool too small for the running requests)")
+            launched = self._launch(scheduled)
+        if launched.sampling.device_tokens is not None:
+            ahead = self._scheduler.schedule_ahead(launched.scheduled)
+            if ahead is not None:
+                self._ahead = self._launch(ahead, fed_back=launched)
+                self.num_steps_ahead += 1
+        return self._finish(launched)
+
+    def _launch(self, scheduled: list[ScheduledChunk], fed_back: LaunchedStep | None = None) -> LaunchedStep:
+        """Launch the step's forward and sampling; with ``fed_back``, every chunk is one decode
+        token that ``fed_back`` samples, taken on the device."""
+        row_of = {} if fed_back is None else {r.request_id: i for i, r in enumerate(fed_back.sampled)}
         inputs = [
-            ChunkInput(chunk.request.request_id, chunk.token_ids, chunk.start_pos,
-                       self._kv.block_table(chunk.request.request_id))
+            ChunkInput(
+                chunk.request.request_id,
+                None if fed_back else chunk.token_ids,
+                chunk.start_pos,
+                self._kv.block_table(chunk.request.request_id),
+                row_of[chunk.request.request_id] if fed_back else None,
+            )
             for chunk in scheduled
         ]
-        logits = self._runner.execute(StepInput(inputs, self._scheduler.take_finished_ids()))
-        rows = [index for index, chunk in enumerate(scheduled) if chunk.completes_sequence]
+        step = StepInput(inputs, self._scheduler.take_finished_ids(), fed_back.sampling.device_tokens if fed_back else None)
+        logits = self._runner.execute(step)
+        # Every chunk of a fed-back step samples: its tokens make the requests' sequences.
+        rows = [index for index, chunk in enumerate(scheduled) if fed_back or chunk.completes_sequence]
         sampled = [scheduled[index].request for index in rows]
-        tokens, host_logits = sample_rows(
+        # A request's output step: its outputs so far, with the one fed back not yet appended.
+        offset = 1 if fed_back else 0
+        sampling = launch_sampling(
             logits, rows, [r.sampling for r in sampled], [r.seed for r in sampled],
-            [len(r.output_token_ids) for r in sampled],
+            [len(r.output_token_ids) + offset for r in sampled],
         )
-        for position, (request, token) in enumerate(zip(sampled, tokens, strict=True)):
+        return LaunchedStep(scheduled, sampled, sampling)
+
+    def _finish(self, launched: LaunchedStep) -> list[Request]:
+        """Read the step's tokens, advance its requests (those still live), and confirm the
+        step launched ahead of it."""
+        tokens, host_logits = collect(launched.sampling)
+        sampled = []
+        for position, (request, token) in enumerate(zip(launched.sampled, tokens, strict=True)):
+            if request.request_id not in self._live:
+                continue  # aborted while its step ran
             if request.sampling.return_logits:
                 request.logits.append(host_logits[position])
             request.append_output(token)
-        self._scheduler.finish_step(scheduled)
+            sampled.append(request)
+        self._scheduler.finish_step([c for c in launched.scheduled if c.request.request_id in self._live])
+        if self._ahead is not None:
+            going_on = self._scheduler.finish_ahead(self._ahead.scheduled)
+            if going_on:
+                self._ahead.scheduled = going_on
+            else:
+                self._ahead = None  # every request of it finished: its rows are never read
         return sampled
 
     def _to_output(self, request: Request) -> RequestOutput:

@@ -43,8 +43,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # True from schedule() to finish_step(): the step's K/V may be only partly written.
-        self.step_in_flight = False
         # Requests that finished, were preempted or aborted since the runner last heard of it.
         self.finished_ids: set[str] = set()
 
@@ -55,7 +53,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
-        self.step_in_flight = True
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
         preempted_this_step = False
@@ -90,6 +87,49 @@ class Scheduler:
             budget -= num_new
         return scheduled
 
+    def schedule_ahead(self, scheduled: list[ScheduledChunk]) -> list[ScheduledChunk] | None:
+        """The next step, scheduled while ``scheduled`` (launched, its tokens not yet on the
+        host) runs; None wherever it could differ from what ``schedule`` decides after
+        ``finish_step``. Then it is one decode chunk per running request that continues:
+        - nothing waits (an admission's hits could depend on this step's tokens), every running
+          request samples in this step, and all the next step's decodes fit the budget;
+        - a request whose count of output tokens reaches ``max_tokens`` now is left out (it
+          finishes); one that may sample a stop token is scheduled, and if it does, it is
+          freed as ``schedule`` would never have scheduled it (``finish_ahead``);
+        - its new blocks are taken only where that evicts no cached block: a block given back
+          unused then leaves the cache exactly as it was. Nothing else is changed, so a block
+          it completes is cached once its last token is known (``finish_ahead``).
+        """
+        sampled = {chunk.request.request_id for chunk in scheduled if chunk.completes_sequence}
+        if self.waiting or any(request.request_id not in sampled for request in self.running):
+            return None
+        continuing = [r for r in self.running if len(r.output_token_ids) + 1 < r.sampling.max_tokens]
+        if not continuing or len(continuing) > self.max_num_batched_tokens:
+            return None
+        # The token sampled now sits at position ``num_tokens``: the next step computes it.
+        new_blocks = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens + 1) for r in continuing)
+        if not self.kv.can_allocate_without_eviction(new_blocks):
+            return None
+        for request in continuing:
+            allocated = self.kv.allocate_slots(
+                request.request_id, request.token_ids, 1, request.num_tokens, cache_full_blocks=False
+            )
+            assert allocated is not None
+        return [ScheduledChunk(request, request.num_tokens, 1) for request in continuing]
+
+    def finish_ahead(self, ahead: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        """After ``finish_step`` of the step before it: the chunks of ``ahead`` whose requests go
+        on, their blocks now cached (their last token is known); those of finished requests
+        (a stop token, or aborted: their blocks are already free) are dropped, their rows'
+        results unused."""
+        going_on = [chunk for chunk in ahead if chunk.request.status is RequestStatus.RUNNING]
+        for chunk in going_on:
+            request = chunk.request
+            self.kv.cache_full_blocks(
+                request.request_id, request.token_ids[: chunk.start_pos + chunk.num_tokens], request.cache_salt
+            )
+        return going_on
+
     def finish_step(self, scheduled: list[ScheduledChunk]) -> list[Request]:
         """Advance each scheduled request; free and return the ones that finished."""
         finished = []
@@ -102,18 +142,18 @@ class Scheduler:
                 self.kv.free(request.request_id)
                 self.finished_ids.add(request.request_id)
                 finished.append(request)
-        self.step_in_flight = False
         return finished
 
-    def abort(self, requests: Iterable[Request]) -> None:
-        """Drop ``requests`` wherever they are and free their blocks (their generate call failed).
+    def abort(self, requests: Iterable[Request], cut_short: bool = False) -> None:
+        """Drop ``requests`` wherever they are and free their blocks.
 
         Freed by id, not by queue: a failure inside ``schedule`` may leave a request
-        holding blocks that is not (yet) in ``running``. A step cut short, between ``schedule`` and
-        ``finish_step``, may have cached blocks whose K/V it never wrote (the manager caches
-        a block at the step that schedules its last token); the block layer cannot forget
-        single blocks, so the whole prefix cache is cleared then, and no later request can
-        hit a block that was never written. A failure between steps keeps the cache.
+        holding blocks that is not (yet) in ``running``. A step ``cut_short`` (by a failure
+        before it was launched and finished) may have cached blocks whose K/V it never wrote
+        (the manager caches a block at the step that schedules its last token); the block
+        layer cannot forget single blocks, so the whole prefix cache is cleared then, and no
+        later request can hit a block that was never written. A failure between steps keeps
+        the cache: every step then launched writes its blocks.
         """
         aborted = {request.request_id for request in requests}
         for request_id in aborted:
@@ -121,8 +161,9 @@ class Scheduler:
         self.finished_ids |= aborted
         self.waiting = deque(request for request in self.waiting if request.request_id not in aborted)
         self.running = [request for request in self.running if request.request_id not in aborted]
-        if self.step_in_flight:
-            self.step_in_flight = False
+        for request in requests:
+            request.status = RequestStatus.FINISHED
+        if cut_short:
             cleared = self.kv.reset_prefix_cache()
             assert cleared, f"blocks still in use after the abort: {self.kv.pool.num_used_blocks}"
 

@@ -9,21 +9,12 @@ import pytest
 
 from engine import SamplingParams
 from engine.models import ENDOFTEXT_ID
-from suites.engine_helpers import token_prompts
+from suites.engine_helpers import EOS_PROMPTS, token_prompts
 
 pytestmark = pytest.mark.model
 
 MAX_TOKENS = 12
 
-# Prompts whose greedy continuation emits the end-of-text id, and the step where it does.
-# Found once by a fixed search: for seeds 0, 1, ... the 64 prompts token_prompts(seed,
-# [12] * 64), each run greedily for 16 tokens with ignore_eos=True; these are the first
-# hits whose end of text comes after a few other tokens (qwen3: seed 0, prompt 25; llama:
-# seed 1, prompt 44). Every step up to it has a top-1/top-2 logit margin of 0.07 or more.
-EOS_PROMPTS = {
-    "tiny-qwen3": ([116, 11, 105, 374, 113, 81, 265, 668, 537, 281, 973, 719], 4),
-    "tiny-llama": ([588, 846, 806, 64, 281, 96, 514, 986, 818, 771, 771, 346], 8),
-}
 OTHER_PROMPT = token_prompts(7, [20])[0]
 
 

@@ -15,16 +15,24 @@ def chunk_positions(scheduled) -> list[tuple[int, int]]:
 
 def record_schedule(llm, record=chunk_positions) -> list:
     """Spy on the engine's scheduler: per step, ``record`` of the chunks it scheduled (by
-    default the (start_pos, num_tokens) of each chunk)."""
+    default the (start_pos, num_tokens) of each chunk), whether at its turn (``schedule``)
+    or ahead of it (``schedule_ahead``)."""
     steps = []
-    original = llm.scheduler.schedule
+    scheduler = llm.scheduler
+    schedule, schedule_ahead = scheduler.schedule, scheduler.schedule_ahead
 
     def recording_schedule():
-        scheduled = original()
+        scheduled = schedule()
         steps.append(record(scheduled))
         return scheduled
 
-    llm.scheduler.schedule = recording_schedule
+    def recording_schedule_ahead(previous):
+        scheduled = schedule_ahead(previous)
+        if scheduled is not None:
+            steps.append(record(scheduled))
+        return scheduled
+
+    scheduler.schedule, scheduler.schedule_ahead = recording_schedule, recording_schedule_ahead
     return steps
 
 

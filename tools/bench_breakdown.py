@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     table = list(range(blocks_per_row))
     tokens = rng.integers(1, args_.vocab_size, context).tolist()
     if start:
-        runner.execute([ChunkInput("prefix", tokens[:start], 0, table)])
+        mx.eval(runner.execute([ChunkInput("prefix", tokens[:start], 0, table)]))
     chunk = ChunkInput("chunk", tokens[start:], start, table)
-    ours = timed(lambda: runner.execute([chunk]), repeats)
+    ours = timed(lambda: mx.eval(runner.execute([chunk])), repeats)
     saved = runner.max_prefill_tokens
     runner.max_prefill_tokens = 1 << 30
-    ours_one_piece = timed(lambda: runner.execute([chunk]), repeats)
+    ours_one_piece = timed(lambda: mx.eval(runner.execute([chunk])), repeats)
     runner.max_prefill_tokens = saved
     dense = timed(lambda: mx.eval(model.model(mx.array([tokens]))), repeats) if not start else float("nan")
     x = mx.random.normal((1, length, hidden))
@@ -174,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     def decode_step():  # consecutive positions, so the decode context is reused as in serving
         step = state["step"]
         state["step"] += 1
-        runner.execute([ChunkInput(f"row{r}", [5], decode_context + step, t) for r, t in enumerate(tables)])
+        mx.eval(runner.execute([ChunkInput(f"row{r}", [5], decode_context + step, t) for r, t in enumerate(tables)]))
 
-    runner.execute([ChunkInput(f"row{r}", [5], p - 1, t) for r, (p, t) in enumerate(zip(positions, tables))])  # fill the context
+    mx.eval(runner.execute([ChunkInput(f"row{r}", [5], p - 1, t) for r, (p, t) in enumerate(zip(positions, tables))]))  # fill
     ours_decode = timed(decode_step, repeats)
     calls = iter(range(1 << 30))
 
     def fresh_rows():  # rows the context has never seen: each one filled from the pool
         call = next(calls)
-        runner.execute([ChunkInput(f"fresh{call}-{r}", [5], p, t) for r, (p, t) in enumerate(zip(positions, tables))])
+        mx.eval(runner.execute([ChunkInput(f"fresh{call}-{r}", [5], p, t) for r, (p, t) in enumerate(zip(positions, tables))]))
 
     fresh = timed(fresh_rows, repeats)
     from mlx_lm.models.cache import KVCache

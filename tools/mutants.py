@@ -441,8 +441,8 @@ CATALOGUE: list[Mutant] = [
         different positions: all rows run at the first chunk's start_pos.""",
         (
             RUNNER,
-            "while stop < len(others) and (chunks[others[stop]].start_pos, len(chunks[others[stop]].token_ids)) == shape:",
-            "while stop < len(others) and len(chunks[others[stop]].token_ids) == shape[1]:",
+            "while stop < len(others) and (chunks[others[stop]].start_pos, chunks[others[stop]].num_tokens) == shape:",
+            "while stop < len(others) and chunks[others[stop]].num_tokens == shape[1]:",
         ),
     ),
     mutant(
@@ -515,6 +515,58 @@ CATALOGUE: list[Mutant] = [
             "keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1",
             "keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 2",
         ),
+    ),
+    # The step launched ahead of its turn (before the host has the previous step's tokens).
+    mutant(
+        "step-ahead-evicts",
+        "extra: step ahead",
+        """A step launched ahead takes new blocks wherever they are free, cached ones too: a
+        request that then samples a stop token never needed its block, but the cached
+        prefix that the block held is gone.""",
+        (SCHEDULER, "if not self.kv.can_allocate_without_eviction(new_blocks):",
+         "if self.kv.pool.num_free_blocks < new_blocks:"),
+    ),
+    mutant(
+        "step-ahead-never-caches",
+        "extra: step ahead",
+        """A block completed by a step launched ahead is never cached once its last token is
+        known: a prompt that continues a finished request's output misses it.""",
+        (SCHEDULER, "            self.kv.cache_full_blocks(\n", "            (\n"),
+    ),
+    mutant(
+        "step-ahead-while-waiting",
+        "extra: step ahead",
+        """A step is launched ahead while requests wait: a seat freed by a stop token in the
+        step before goes unused for a step, and the waiting request is admitted late.""",
+        (SCHEDULER, "if self.waiting or any(", "if any("),
+    ),
+    mutant(
+        "step-ahead-past-max-tokens",
+        "extra: step ahead",
+        """A request whose output count reaches max_tokens in this step is still scheduled
+        in the step ahead: a wasted row every time a request finishes by length.""",
+        (SCHEDULER, "len(r.output_token_ids) + 1 < r.sampling.max_tokens", "len(r.output_token_ids) < r.sampling.max_tokens"),
+    ),
+    mutant(
+        "step-ahead-reports-aborted",
+        "extra: step ahead",
+        """A request aborted while its step ran ahead still gets that step's token (and, at
+        its last token, is finished a second time).""",
+        (LLM_FACADE, "            if request.request_id not in self._live:\n                continue  # aborted while its step ran\n", ""),
+    ),
+    mutant(
+        "abort-keeps-stale-step-ahead",
+        "extra: step ahead",
+        """After every request of a step launched ahead is aborted, the engine still reads
+        that step at its next call, instead of scheduling the requests that wait.""",
+        (LLM_FACADE, "            self._ahead = None  # its rows, still computing, are never read\n", "            pass\n"),
+    ),
+    mutant(
+        "fed-back-rows-misordered",
+        "extra: step ahead",
+        """Tokens fed back on the device go to the decode rows in schedule order instead of
+        the decode context's row order: after a row moved, rows decode each other's tokens.""",
+        (RUNNER, "mx.array([rows[index].fed_back_row for index in order])", "mx.array([row.fed_back_row for row in rows])"),
     ),
 ]
 

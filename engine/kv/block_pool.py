@@ -141,6 +141,16 @@ class BlockPool:
             allocated.append(block)
         return allocated
 
+    def num_uncached_at_head(self, at_most: int) -> int:
+        """How many of the next ``at_most`` blocks ``allocate`` hands out hold no hash: taking
+        that many evicts nothing."""
+        count = 0
+        for block in self.free_queue:
+            if count == at_most or block.block_hash is not None:
+                break
+            count += 1
+        return count
+
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference from each block; unused ones become free.
 

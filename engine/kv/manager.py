@@ -118,12 +118,14 @@ class KVCacheManager:
         num_computed_tokens: int,
         new_computed_blocks: Sequence[KVBlock] = (),
         cache_salt: str | None = None,
+        cache_full_blocks: bool = True,
     ) -> list[KVBlock] | None:
         """Give the request room for ``num_new_tokens`` more tokens; None if the pool is short.
 
         ``new_computed_blocks`` are the hit blocks of a request being admitted;
         ``num_computed_tokens`` already includes them. On failure nothing changes: no
-        reference is taken and nothing is evicted.
+        reference is taken and nothing is evicted. Without ``cache_full_blocks`` (a step
+        scheduled before the host knows its last token) the caller caches them later.
         """
         table = self._block_tables.get(request_id, [])
         num_total_tokens = num_computed_tokens + num_new_tokens
@@ -142,8 +144,21 @@ class KVCacheManager:
         if self.enable_caching:
             self._num_cached_blocks.setdefault(request_id, 0)
             self._num_cached_blocks[request_id] += len(new_computed_blocks)
-            self._cache_full_blocks(request_id, token_ids[:num_total_tokens], cache_salt)
+            if cache_full_blocks:
+                self._cache_full_blocks(request_id, token_ids[:num_total_tokens], cache_salt)
         return new_blocks
+
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], cache_salt: str | None = None) -> None:
+        """Cache the request's blocks that ``token_ids`` (its first tokens) fill."""
+        if self.enable_caching:
+            self._cache_full_blocks(request_id, token_ids, cache_salt)
+
+    def num_new_blocks(self, request_id: str, num_total_tokens: int) -> int:
+        """Blocks the request lacks to hold ``num_total_tokens`` tokens."""
+        return max(0, -(-num_total_tokens // self.block_size) - len(self._block_tables.get(request_id, ())))
+
+    def can_allocate_without_eviction(self, num_blocks: int) -> bool:
+        return self.pool.num_uncached_at_head(num_blocks) == num_blocks
 
     def free(self, request_id: str) -> None:
         """Release a finished or preempted request's blocks."""

@@ -32,12 +32,21 @@ from engine.runner.paged_attention import KVPool, PagedLayerCache, prefill_batch
 
 @dataclass(slots=True)
 class ChunkInput:
-    """One scheduled chunk: tokens ``start_pos ..`` of request ``request_id``, and where its K/V lives."""
+    """One scheduled chunk: tokens ``start_pos ..`` of request ``request_id``, and where its K/V lives.
+
+    A decode chunk may instead take its one token from the previous step's sampled tokens,
+    still on the device (``StepInput.fed_back``, at ``fed_back_row``): the host has not seen it yet.
+    """
 
     request_id: str
-    token_ids: list[int]
+    token_ids: list[int] | None
     start_pos: int
     block_table: list[int]
+    fed_back_row: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 if self.token_ids is None else len(self.token_ids)
 
 
 @dataclass(slots=True)
@@ -46,6 +55,7 @@ class StepInput:
 
     chunks: list[ChunkInput]
     finished_request_ids: set[str] = field(default_factory=set)  # finished, preempted or aborted since the last step
+    fed_back: mx.array | None = None  # the previous step's sampled tokens, on the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,17 +99,22 @@ class ModelRunner:
         logits: list[mx.array | None] = [None] * len(chunks)
         decoding = [
             index for index, chunk in enumerate(chunks)
-            if len(chunk.token_ids) == 1 and self.decode_context.holds(chunk.request_id, chunk.start_pos - 1)
+            if chunk.num_tokens == 1 and self.decode_context.holds(chunk.request_id, chunk.start_pos - 1)
         ]
+        fed_back = [index for index, chunk in enumerate(chunks) if chunk.fed_back_row is not None]
+        if fed_back and (fed_back != decoding or len(fed_back) != len(chunks) or step.fed_back is None):
+            # Only a step of continuing decode rows alone runs before the host has its tokens.
+            raise ValueError(f"fed-back tokens for chunks {fed_back}, of which continuing decode rows: {decoding}")
         if decoding:
-            for index, row_logits in zip(decoding, self._forward_decode([chunks[i] for i in decoding]), strict=True):
+            rows = [chunks[i] for i in decoding]
+            for index, row_logits in zip(decoding, self._forward_decode(rows, step.fed_back), strict=True):
                 logits[index] = row_logits
         others = [index for index in range(len(chunks)) if logits[index] is None]
         start = 0
         while start < len(others):
-            shape = (chunks[others[start]].start_pos, len(chunks[others[start]].token_ids))
+            shape = (chunks[others[start]].start_pos, chunks[others[start]].num_tokens)
             stop = start + 1
-            while stop < len(others) and (chunks[others[stop]].start_pos, len(chunks[others[stop]].token_ids)) == shape:
+            while stop < len(others) and (chunks[others[stop]].start_pos, chunks[others[stop]].num_tokens) == shape:
                 stop += 1
             group = others[start:stop]
             for index, row_logits in zip(group, self._forward_prefill([chunks[i] for i in group]), strict=True):
@@ -130,12 +145,17 @@ class ModelRunner:
         self._evaluate(logits)
         return [logits[row] for row in range(len(chunks))]
 
-    def _forward_decode(self, rows: list[ChunkInput]) -> list[mx.array]:
-        """The decode rows, one token each, over their rows of the decode context."""
+    def _forward_decode(self, rows: list[ChunkInput], fed_back: mx.array | None) -> list[mx.array]:
+        """The decode rows, one token each, over their rows of the decode context; their tokens
+        from the host, or all taken on the device from ``fed_back``."""
         order, batch = self.decode_context.prepare(
             [row.request_id for row in rows], [row.block_table for row in rows], [row.start_pos for row in rows]
         )
-        hidden = self._hidden(mx.array([rows[index].token_ids for index in order]), batch)
+        if rows[0].fed_back_row is None:
+            inputs = mx.array([rows[index].token_ids for index in order])
+        else:
+            inputs = mx.take(fed_back, mx.array([rows[index].fed_back_row for index in order]))[:, None]
+        hidden = self._hidden(inputs, batch)
         logits = self._project(hidden[:, 0, :]).astype(mx.float32)
         self._evaluate(logits)
         by_input: list[mx.array | None] = [None] * len(rows)
