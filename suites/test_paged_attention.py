@@ -85,13 +85,13 @@ def test_paged_forward_equals_dense_forward_bit_for_bit(arch, case):
         for index, (tokens, table, cuts) in enumerate(seqs):
             if round_index + 1 < len(cuts):
                 start, stop = cuts[round_index], cuts[round_index + 1]
-                (last_logits[index],) = runner.execute([ChunkInput(str(index), tokens[start:stop], start, table)])
+                (last_logits[index],) = runner.execute([ChunkInput(str(index), tokens[start:stop], start, table)]).in_chunk_order()
     for index, (tokens, _, _) in enumerate(seqs):
         np.testing.assert_array_equal(last_logits[index], dense_logits(model, tokens)[-1])
 
     # One decode row per sequence, batched: rows of different lengths pad and mask keys.
     decodes = [ChunkInput(str(index), [7], len(tokens), table) for index, (tokens, table, _) in enumerate(seqs)]
-    for row, (tokens, _, _) in zip(runner.execute(decodes), seqs):
+    for row, (tokens, _, _) in zip(runner.execute(decodes).in_chunk_order(), seqs):
         np.testing.assert_array_equal(row, dense_logits(model, tokens + [7])[-1])
 
 
@@ -102,7 +102,7 @@ def test_prefill_from_start_pos_uses_rope_positions_from_start_pos(arch):
     runner = runner_for(model, 4)
     tokens = list(range(1, 13))
     runner.execute([ChunkInput("a", tokens[:8], 0, [0, 1, 2])])
-    (at_offset,) = runner.execute([ChunkInput("a", tokens[8:], 8, [0, 1, 2])])
+    (at_offset,) = runner.execute([ChunkInput("a", tokens[8:], 8, [0, 1, 2])]).in_chunk_order()
     np.testing.assert_array_equal(at_offset, dense_logits(model, tokens)[-1])
-    (from_zero,) = runner.execute([ChunkInput("b", tokens[8:], 0, [3])])
+    (from_zero,) = runner.execute([ChunkInput("b", tokens[8:], 0, [3])]).in_chunk_order()
     assert not np.array_equal(at_offset, from_zero)

@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     table = list(range(blocks_per_row))
     tokens = rng.integers(1, args_.vocab_size, context).tolist()
     if start:
-        mx.eval(runner.execute([ChunkInput("prefix", tokens[:start], 0, table)]))
+        mx.eval(runner.execute([ChunkInput("prefix", tokens[:start], 0, table)]).logits)
     chunk = ChunkInput("chunk", tokens[start:], start, table)
-    ours = timed(lambda: mx.eval(runner.execute([chunk])), repeats)
+    ours = timed(lambda: mx.eval(runner.execute([chunk]).logits), repeats)
     saved = runner.max_prefill_tokens
     runner.max_prefill_tokens = 1 << 30
-    ours_one_piece = timed(lambda: mx.eval(runner.execute([chunk])), repeats)
+    ours_one_piece = timed(lambda: mx.eval(runner.execute([chunk]).logits), repeats)
     runner.max_prefill_tokens = saved
-    dense = timed(lambda: mx.eval(model.model(mx.array([tokens]))), repeats) if not start else float("nan")
+    dense = timed(lambda: mx.eval(model.model(mx.array([tokens]).logits)), repeats) if not start else float("nan")
     x = mx.random.normal((1, length, hidden))
     h = mx.random.normal((1, length, inter))
     q = mx.random.normal((1, heads, length, head_dim))
@@ -174,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     def decode_step():  # consecutive positions, so the decode context is reused as in serving
         step = state["step"]
         state["step"] += 1
-        mx.eval(runner.execute([ChunkInput(f"row{r}", [5], decode_context + step, t) for r, t in enumerate(tables)]))
+        mx.eval(runner.execute([ChunkInput(f"row{r}", [5], decode_context + step, t) for r, t in enumerate(tables)]).logits)
 
-    mx.eval(runner.execute([ChunkInput(f"row{r}", [5], p - 1, t) for r, (p, t) in enumerate(zip(positions, tables))]))  # fill
+    mx.eval(runner.execute([ChunkInput(f"row{r}", [5], p - 1, t) for r, (p, t) in enumerate(zip(positions, tables))]).logits)  # fill
     ours_decode = timed(decode_step, repeats)
     calls = iter(range(1 << 30))
 
     def fresh_rows():  # rows the context has never seen: each one filled from the pool
         call = next(calls)
-        mx.eval(runner.execute([ChunkInput(f"fresh{call}-{r}", [5], p, t) for r, (p, t) in enumerate(zip(positions, tables))]))
+        mx.eval(runner.execute([ChunkInput(f"fresh{call}-{r}", [5], p, t) for r, (p, t) in enumerate(zip(positions, tables))]).logits)
 
     fresh = timed(fresh_rows, repeats)
     from mlx_lm.models.cache import KVCache
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     kd = buffer[:, :, : decode_context + 1]
     pool = runner.pool.keys[0]
     read = mx.array(
-        runner.pool.rows(np.stack([np.arange(decode_context + 1) + t[0] * block_size for t in tables]))
+        runner.pool.rows(np.stack([np.arange(decode_context + 1) + t[0] * block_size for t in tables]).logits)
     )
     mx.eval(xd, hd, qd, buffer, read)
     parts = [
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeats,
             ),
         ),
-        ("output head (logits of every row)", timed(lambda: mx.eval(runner._project(xd[:, 0])), repeats)),
+        ("output head (logits of every row)", timed(lambda: mx.eval(runner._project(xd[:, 0]).logits), repeats)),
     ]
     report(
         f"decode: {rows} rows at position {decode_context}",
@@ -238,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]).logits)

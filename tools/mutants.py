@@ -414,7 +414,8 @@ CATALOGUE: list[Mutant] = [
         "extra: RoPE positions of one-token rows",
         """A one-token row (a decode, or a chunk's last token) is rotated one position
         further than it is.""",
-        (DECODE_CONTEXT, "            offsets=mx.array(lens - 1),\n", "            offsets=mx.array(lens),\n"),
+        (DECODE_CONTEXT, "            offsets=mx.array((lens - 1).astype(np.int32)),\n",
+         "            offsets=mx.array(lens.astype(np.int32)),\n"),
     ),
     mutant(
         "new-kv-over-cached-slots",

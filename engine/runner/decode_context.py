@@ -50,9 +50,10 @@ class DecodeContext:
         shape = (self.capacity_rows, self.pool.kv_heads, self.capacity_len, self.pool.head_dim)
         return kept.reshape(shape)[rows.start : rows.stop, :, :context_len]
 
-    def holds(self, request_id: str, position: int) -> bool:
-        """Whether a row holds this request's positions up to exactly ``position``."""
-        return any(r == request_id and p == position for r, p in zip(self.request_ids, self.positions))
+    def last_positions(self) -> dict[str, int]:
+        """Each live row's request id and the last position it holds: a request whose next token
+        is at the position after continues its row."""
+        return dict(zip(self.request_ids, self.positions))
 
     def drop(self, request_ids: set[str]) -> None:
         """Forget the rows of these requests (finished, preempted or aborted: their blocks may
@@ -139,10 +140,10 @@ class DecodeContext:
         return AttentionBatch(
             write_rows=mx.array(self.pool.rows(np.asarray(new_slots)[:, None]).reshape(-1)),
             read_rows=None,
-            offsets=mx.array(lens - 1),
+            offsets=mx.array((lens - 1).astype(np.int32)),
             mask=mask,
             context=self,
-            context_write_rows=mx.array(np.concatenate(context_rows)),
+            context_write_rows=mx.array(np.concatenate(context_rows).astype(np.int32)),
             context_rows=range(first, first + len(positions)),
             context_len=context_len,
         )
@@ -169,7 +170,7 @@ class DecodeContext:
     def _block_rows(self, row: int, length: int) -> np.ndarray:
         """The context rows of positions ``0 .. length-1`` of context row ``row``, [heads * length]."""
         heads = np.arange(self.pool.kv_heads)[:, None]
-        return ((row * self.pool.kv_heads + heads) * self.capacity_len + np.arange(length)).reshape(-1)
+        return ((row * self.pool.kv_heads + heads) * self.capacity_len + np.arange(length)).reshape(-1).astype(np.int32)
 
     def _move(self, sources: list[int], targets: list[int]) -> None:
         lengths = [self.positions[source] + 1 for source in sources]

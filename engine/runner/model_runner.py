@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from engine.runner.decode_context import DecodeContext
 from engine.runner.paged_attention import KVPool, PagedLayerCache, prefill_batch
@@ -58,6 +59,23 @@ class StepInput:
     fed_back: mx.array | None = None  # the previous step's sampled tokens, on the device
 
 
+@dataclass(slots=True)
+class StepLogits:
+    """The logits after each chunk's last token: the step's forwards' rows, concatenated on the
+    device, and for each chunk its row there. Kept apart, so that sampling reduces every
+    row at once and gathers only token ids (or the few rows it copies), instead of gathering
+    a vocabulary-wide row per chunk into chunk order."""
+
+    logits: mx.array  # [forward rows, vocab] float32
+    rows: np.ndarray  # [chunks] int32: chunk i's row of ``logits``
+
+    def in_chunk_order(self) -> mx.array:
+        """``[chunks, vocab]`` in chunk order (a gather, unless the order is already that)."""
+        if np.array_equal(self.rows, np.arange(len(self.rows))):
+            return self.logits
+        return mx.take(self.logits, mx.array(self.rows), axis=0)
+
+
 @dataclass(frozen=True, slots=True)
 class KVGeometry:
     num_layers: int
@@ -89,27 +107,38 @@ class ModelRunner:
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_context = DecodeContext(pool, len(model.layers))
 
-    def execute(self, step: StepInput | list[ChunkInput]) -> mx.array:
-        """Compute every chunk; return the logits after each chunk's last token, ``[chunks, vocab]``
-        in chunk order, on the device (launched; the caller's sampling waits for them)."""
+    def execute(self, step: StepInput | list[ChunkInput]) -> StepLogits:
+        """Compute every chunk; return the logits after each chunk's last token, on the device
+        (launched; the caller's sampling waits for them)."""
         if not isinstance(step, StepInput):
             step = StepInput(step)
         chunks = step.chunks
         self.decode_context.drop(step.finished_request_ids)
-        logits: list[mx.array | None] = [None] * len(chunks)
+        held = self.decode_context.last_positions()
         decoding = [
             index for index, chunk in enumerate(chunks)
-            if chunk.num_tokens == 1 and self.decode_context.holds(chunk.request_id, chunk.start_pos - 1)
+            if chunk.num_tokens == 1 and held.get(chunk.request_id) == chunk.start_pos - 1
         ]
         fed_back = [index for index, chunk in enumerate(chunks) if chunk.fed_back_row is not None]
         if fed_back and (fed_back != decoding or len(fed_back) != len(chunks) or step.fed_back is None):
             # Only a step of continuing decode rows alone runs before the host has its tokens.
             raise ValueError(f"fed-back tokens for chunks {fed_back}, of which continuing decode rows: {decoding}")
+        forwards: list[mx.array] = []
+        rows = np.full(len(chunks), -1, dtype=np.int32)
+        num_rows = 0
+
+        def place(logits: mx.array, indices: list[int]) -> None:
+            """``logits`` row ``r`` is chunk ``indices[r]``'s."""
+            nonlocal num_rows
+            forwards.append(logits)
+            rows[indices] = np.arange(num_rows, num_rows + len(indices))
+            num_rows += len(indices)
+
         if decoding:
-            rows = [chunks[i] for i in decoding]
-            for index, row_logits in zip(decoding, self._forward_decode(rows, step.fed_back), strict=True):
-                logits[index] = row_logits
-        others = [index for index in range(len(chunks)) if logits[index] is None]
+            logits, order = self._forward_decode([chunks[i] for i in decoding], step.fed_back)
+            place(logits, [decoding[i] for i in order])
+        decoded = set(decoding)
+        others = [index for index in range(len(chunks)) if index not in decoded]
         start = 0
         while start < len(others):
             shape = (chunks[others[start]].start_pos, chunks[others[start]].num_tokens)
@@ -117,19 +146,18 @@ class ModelRunner:
             while stop < len(others) and (chunks[others[stop]].start_pos, chunks[others[stop]].num_tokens) == shape:
                 stop += 1
             group = others[start:stop]
-            for index, row_logits in zip(group, self._forward_prefill([chunks[i] for i in group]), strict=True):
-                logits[index] = row_logits
+            place(self._forward_prefill([chunks[i] for i in group]), group)
             start = stop
-        return mx.stack(logits)
+        return StepLogits(forwards[0] if len(forwards) == 1 else mx.concatenate(forwards), rows)
 
-    def _forward_prefill(self, chunks: list[ChunkInput]) -> list[mx.array]:
+    def _forward_prefill(self, chunks: list[ChunkInput]) -> mx.array:
         """Chunks of one shape, together, in two parts, as mlx-lm's batch generator does.
 
         All tokens but the last only write their K/V, in pieces of at most
         ``max_prefill_tokens`` positions: nothing reads their last layer's output, so MLX
         never computes its attention and MLP. The last token of each chunk then runs as
-        a one-token row appended to the decode context: its logits, and its row ready to
-        decode at the next step.
+        a one-token row appended to the decode context: its logits (``[chunks, vocab]``), and
+        its row ready to decode at the next step.
         """
         start_pos, num_tokens = chunks[0].start_pos, len(chunks[0].token_ids)
         tables = [chunk.block_table for chunk in chunks]
@@ -143,11 +171,12 @@ class ModelRunner:
         hidden = self._hidden(mx.array([chunk.token_ids[last:] for chunk in chunks]), batch)
         logits = self._project(hidden[:, 0, :]).astype(mx.float32)
         self._evaluate(logits)
-        return [logits[row] for row in range(len(chunks))]
+        return logits
 
-    def _forward_decode(self, rows: list[ChunkInput], fed_back: mx.array | None) -> list[mx.array]:
+    def _forward_decode(self, rows: list[ChunkInput], fed_back: mx.array | None) -> tuple[mx.array, list[int]]:
         """The decode rows, one token each, over their rows of the decode context; their tokens
-        from the host, or all taken on the device from ``fed_back``."""
+        from the host, or all taken on the device from ``fed_back``. Returns the logits in the
+        context's row order, and that order (``order[r]`` is the input at row ``r``)."""
         order, batch = self.decode_context.prepare(
             [row.request_id for row in rows], [row.block_table for row in rows], [row.start_pos for row in rows]
         )
@@ -158,10 +187,7 @@ class ModelRunner:
         hidden = self._hidden(inputs, batch)
         logits = self._project(hidden[:, 0, :]).astype(mx.float32)
         self._evaluate(logits)
-        by_input: list[mx.array | None] = [None] * len(rows)
-        for row, index in enumerate(order):
-            by_input[index] = logits[row]
-        return by_input
+        return logits, order
 
     def _evaluate(self, logits: mx.array | None = None) -> None:
         """Start the forward: its logits (if any) and its writes to the pool and the context.

@@ -51,9 +51,11 @@ class KVPool:
         self.block_size = block_size
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows of ``slots`` (any shape ``S``), shaped ``[S[0], kv_heads, *S[1:]]``."""
+        """Pool rows of ``slots`` (any shape ``S``), shaped ``[S[0], kv_heads, *S[1:]]``, int32:
+        MLX's GPU gathers and scatters take int32 indices as they are (int64 ones are first
+        converted, a kernel per index array per layer)."""
         heads = np.arange(self.kv_heads, dtype=np.int64).reshape(1, -1, *([1] * (slots.ndim - 1)))
-        return heads * self.num_slots + slots[:, None]
+        return (heads * self.num_slots + slots[:, None]).astype(np.int32)
 
     def release(self) -> None:
         self.keys.clear()

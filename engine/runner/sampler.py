@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from engine.runner.model_runner import StepLogits
 from engine.sampling import SamplingParams, sample_token
 
 
@@ -38,13 +39,19 @@ class LaunchedSampling:
 
 
 def launch_sampling(
-    logits: mx.array, rows: list[int], params: list[SamplingParams], seeds: list[int], steps: list[int]
+    logits: StepLogits, chunks: list[int], params: list[SamplingParams], seeds: list[int], steps: list[int]
 ) -> LaunchedSampling:
-    """Start sampling ``rows`` of ``logits`` (``[chunks, vocab]``) on the device."""
+    """Start sampling after ``chunks`` (indices of the step's chunks) on the device.
+
+    Greedy rows: one argmax over every row of the step's logits, then the sampled chunks'
+    token ids gathered (a vocabulary-wide row is never gathered for them)."""
+    rows = logits.rows[chunks] if chunks else np.zeros(0, dtype=np.int32)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     copied = [i for i, p in enumerate(params) if not p.greedy or p.return_logits]
-    greedy_tokens = mx.argmax(logits[mx.array([rows[i] for i in greedy])], axis=-1) if greedy else None
-    copies = logits[mx.array([rows[i] for i in copied])] if copied else None
+    greedy_tokens = None
+    if greedy:
+        greedy_tokens = mx.take(mx.argmax(logits.logits, axis=-1), mx.array(rows[greedy]))
+    copies = mx.take(logits.logits, mx.array(rows[copied]), axis=0) if copied else None
     mx.async_eval(*(a for a in (greedy_tokens, copies) if a is not None))
     return LaunchedSampling(params, seeds, steps, greedy, greedy_tokens, copied, copies)
 
@@ -65,7 +72,7 @@ def collect(launched: LaunchedSampling) -> tuple[list[int], dict[int, np.ndarray
 
 
 def sample_rows(
-    logits: mx.array, rows: list[int], params: list[SamplingParams], seeds: list[int], steps: list[int]
+    logits: StepLogits, chunks: list[int], params: list[SamplingParams], seeds: list[int], steps: list[int]
 ) -> tuple[list[int], dict[int, np.ndarray]]:
     """Launch and collect at once."""
-    return collect(launch_sampling(logits, rows, params, seeds, steps))
+    return collect(launch_sampling(logits, chunks, params, seeds, steps))
