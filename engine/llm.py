@@ -247,6 +247,9 @@ class LLM:
 
     def close(self) -> None:
         """Free the KV pool and the model."""
+        # A launched step's kernels hold its buffers (the pool's among them) until the device
+        # has run them; wait, so that clear_cache below can give them back.
+        mx.synchronize()
         if self._pool is not None:
             self._pool.release()
         self._pool = None

@@ -107,14 +107,16 @@ class Scheduler:
         if not continuing or len(continuing) > self.max_num_batched_tokens:
             return None
         # The token sampled now sits at position ``num_tokens``: the next step computes it.
-        new_blocks = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens + 1) for r in continuing)
+        needs = [self.kv.num_new_blocks(r.request_id, r.num_tokens + 1) for r in continuing]
+        new_blocks = sum(needs)
         if not self.kv.can_allocate_without_eviction(new_blocks):
             return None
-        for request in continuing:
-            allocated = self.kv.allocate_slots(
-                request.request_id, request.token_ids, 1, request.num_tokens, cache_full_blocks=False
-            )
-            assert allocated is not None
+        for request, need in zip(continuing, needs, strict=True):
+            if need:  # its token starts a block
+                allocated = self.kv.allocate_slots(
+                    request.request_id, request.token_ids, 1, request.num_tokens, cache_full_blocks=False
+                )
+                assert allocated is not None
         return [ScheduledChunk(request, request.num_tokens, 1) for request in continuing]
 
     def finish_ahead(self, ahead: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -124,10 +126,9 @@ class Scheduler:
         results unused."""
         going_on = [chunk for chunk in ahead if chunk.request.status is RequestStatus.RUNNING]
         for chunk in going_on:
-            request = chunk.request
-            self.kv.cache_full_blocks(
-                request.request_id, request.token_ids[: chunk.start_pos + chunk.num_tokens], request.cache_salt
-            )
+            request, computed = chunk.request, chunk.start_pos + chunk.num_tokens
+            if computed % self.kv.block_size == 0:  # it completes a block (the earlier ones are cached)
+                self.kv.cache_full_blocks(request.request_id, request.token_ids[:computed], request.cache_salt)
         return going_on
 
     def finish_step(self, scheduled: list[ScheduledChunk]) -> list[Request]:

@@ -431,8 +431,8 @@ CATALOGUE: list[Mutant] = [
         block (slot 0 of block p // bs - 1) instead of its own new block.""",
         (
             DECODE_CONTEXT,
-            "new_slots.append(table[position // block_size] * block_size + position % block_size)",
-            "new_slots.append(table[(position - 1) // block_size] * block_size + position % block_size)",
+            "blocks = np.array([table[position // block_size] for table, position",
+            "blocks = np.array([table[(position - 1) // block_size] for table, position",
         ),
     ),
     mutant(
@@ -532,7 +532,8 @@ CATALOGUE: list[Mutant] = [
         "extra: step ahead",
         """A block completed by a step launched ahead is never cached once its last token is
         known: a prompt that continues a finished request's output misses it.""",
-        (SCHEDULER, "            self.kv.cache_full_blocks(\n", "            (\n"),
+        (SCHEDULER, "self.kv.cache_full_blocks(request.request_id, request.token_ids[:computed]",
+         "(request.request_id, request.token_ids[:computed]"),
     ),
     mutant(
         "step-ahead-while-waiting",

@@ -126,12 +126,12 @@ class DecodeContext:
     def _batch(self, first: int, block_tables: list[list[int]], positions: list[int]) -> AttentionBatch:
         """The batch of context rows ``first ..``, in order, each writing its token at its position."""
         block_size, heads, capacity = self.pool.block_size, self.pool.kv_heads, self.capacity_len
-        new_slots = []
-        context_rows = []
-        for row, (table, position) in enumerate(zip(block_tables, positions), start=first):
-            self.positions[row] = position
-            new_slots.append(table[position // block_size] * block_size + position % block_size)
-            context_rows.append((row * heads + np.arange(heads)) * capacity + position)
+        self.positions[first : first + len(positions)] = positions
+        at = np.asarray(positions)
+        blocks = np.array([table[position // block_size] for table, position in zip(block_tables, positions)])
+        new_slots = blocks * block_size + at % block_size
+        rows = np.arange(first, first + len(positions))
+        context_rows = ((rows[:, None] * heads + np.arange(heads)) * capacity + at[:, None]).reshape(-1)
         lens = np.asarray(positions) + 1
         context_len = int(lens.max())
         mask = None
@@ -143,7 +143,7 @@ class DecodeContext:
             offsets=mx.array((lens - 1).astype(np.int32)),
             mask=mask,
             context=self,
-            context_write_rows=mx.array(np.concatenate(context_rows).astype(np.int32)),
+            context_write_rows=mx.array(context_rows.astype(np.int32)),
             context_rows=range(first, first + len(positions)),
             context_len=context_len,
         )
