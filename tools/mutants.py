@@ -564,6 +564,21 @@ CATALOGUE: list[Mutant] = [
         (LLM_FACADE, "            self._ahead = None  # its rows, still computing, are never read\n", "            pass\n"),
     ),
     mutant(
+        "decode-kv-never-flushed-before-prefill",
+        "extra: decode K/V held in the context",
+        """A decode row's new K/V, held in the decode context alone, is not copied to the pool
+        before a step's prefill forwards: a request admitted while another decodes reads the
+        blocks that decodes completed (cached, served) from pool slots never written.""",
+        (RUNNER, "        if others:\n            # The prefill forwards read the pool", "        if False:\n            # The prefill forwards read the pool"),
+    ),
+    mutant(
+        "decode-kv-lost-when-row-leaves",
+        "extra: decode K/V held in the context",
+        """A leaving decode row (finished, preempted, left out) is dropped with the positions it
+        held alone: its request's cached blocks hold pool slots that were never written.""",
+        (DECODE_CONTEXT, "        self.flush()  # a leaving row's", "        pass  # a leaving row's"),
+    ),
+    mutant(
         "fed-back-rows-misordered",
         "extra: step ahead",
         """Tokens fed back on the device go to the decode rows in schedule order instead of

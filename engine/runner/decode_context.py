@@ -27,7 +27,15 @@ class DecodeContext:
     Per layer, K and V are ``[capacity_rows * heads * capacity_len, head_dim]`` arrays; live
     row ``i`` holds positions ``0 .. positions[i]`` of request ``request_ids[i]`` at rows
     ``(i * heads + h) * capacity_len + k``, so a decode forward attends over the view
-    ``[rows, :, :K]`` without a copy and writes only its new token (here and in the pool).
+    ``[rows, :, :K]`` without a copy and writes only its new token.
+
+    A decode forward writes its token here only: nothing reads the pool while rows just
+    decode. A row's last positions may so be held here alone (``pending``: their pool
+    slots); ``flush`` copies them to the pool, in one gather and one scatter per array,
+    before anything could read them there: before a step's prefill forwards (which gather
+    the pool, and may hit a block a decode of the same step completed) and before any row
+    leaves (a finished request's full blocks stay cached; a request left out of a step is
+    refilled from the pool).
     """
 
     GROW_LEN = 256  # positions added at a time, as mlx-lm's KVCache.step
@@ -37,6 +45,7 @@ class DecodeContext:
         self.num_layers = num_layers
         self.request_ids: list[str] = []  # per live row: whose positions it holds
         self.positions: list[int] = []  # per live row: the last position held
+        self.pending: list[list[int]] = []  # per live row: pool slots of its last positions, held here alone
         self.capacity_rows = 0
         self.capacity_len = 0
         # The largest capacity used so far: arrays allocated again after the rows all
@@ -83,7 +92,8 @@ class DecodeContext:
         seen = set(order)
         fresh = [index for index in range(len(request_ids)) if index not in seen]
         order += self._append(fresh, request_ids, block_tables, positions)
-        return order, self._batch(0, [block_tables[i] for i in order], [positions[i] for i in order])
+        batch = self._batch(0, [block_tables[i] for i in order], [positions[i] for i in order], write_pool=False)
+        return order, batch
 
     def append(self, request_ids: list[str], block_tables: list[list[int]], positions: list[int]) -> AttentionBatch:
         """Fresh rows for the last token of prefill chunks, after the live ones (a request's
@@ -92,7 +102,25 @@ class DecodeContext:
         self.drop(set(request_ids))
         first = len(self.request_ids)
         self._append(list(range(len(request_ids))), request_ids, block_tables, positions)
-        return self._batch(first, block_tables, positions)
+        return self._batch(first, block_tables, positions, write_pool=True)
+
+    def flush(self) -> None:
+        """Copy every position held here alone to its pool slot."""
+        context_rows, pool_rows = [], []
+        for row, slots in enumerate(self.pending):
+            if slots:
+                context_rows.append(self._block_rows(row, len(slots), self.positions[row] + 1 - len(slots)))
+                # [slots, heads] -> [heads, slots]: the order of _block_rows
+                pool_rows.append(self.pool.rows(np.asarray(slots)).T.reshape(-1))
+                self.pending[row] = []
+        if not context_rows:
+            return
+        source, target = mx.array(np.concatenate(context_rows)), mx.array(np.concatenate(pool_rows))
+        for arrays, pool_arrays in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
+            for kept, pool in zip(arrays, pool_arrays, strict=True):
+                pool[target] = mx.take(kept, source, axis=0)
+        # Launched now: a row moved or written after this must not find its buffer still read.
+        mx.async_eval(self.pool.keys, self.pool.values)
 
     def _append(
         self, indices: list[int], request_ids: list[str], block_tables: list[list[int]], positions: list[int]
@@ -112,6 +140,7 @@ class DecodeContext:
                 target_rows.append(self._block_rows(len(self.request_ids), position))
             self.request_ids.append(request_ids[index])
             self.positions.append(position - 1)  # its new token, written by the forward, makes it ``position``
+            self.pending.append([])
         if pool_rows:
             # One take and one scatter per array for all the new rows.
             source, target = mx.array(np.concatenate(pool_rows)), mx.array(np.concatenate(target_rows))
@@ -123,8 +152,11 @@ class DecodeContext:
         mx.eval(self.keys, self.values)
         return indices
 
-    def _batch(self, first: int, block_tables: list[list[int]], positions: list[int]) -> AttentionBatch:
-        """The batch of context rows ``first ..``, in order, each writing its token at its position."""
+    def _batch(
+        self, first: int, block_tables: list[list[int]], positions: list[int], write_pool: bool
+    ) -> AttentionBatch:
+        """The batch of context rows ``first ..``, in order, each writing its token at its position
+        here, and in the pool too where ``write_pool`` (else the slot is pending)."""
         block_size, heads, capacity = self.pool.block_size, self.pool.kv_heads, self.capacity_len
         self.positions[first : first + len(positions)] = positions
         at = np.asarray(positions)
@@ -137,8 +169,11 @@ class DecodeContext:
         mask = None
         if (lens != context_len).any():
             mask = mx.array(np.arange(context_len)[None, :] < lens[:, None])[:, None, None, :]
+        if not write_pool:
+            for row, slot in enumerate(new_slots.tolist(), start=first):
+                self.pending[row].append(slot)
         return AttentionBatch(
-            write_rows=mx.array(self.pool.rows(np.asarray(new_slots)[:, None]).reshape(-1)),
+            write_rows=mx.array(self.pool.rows(new_slots[:, None]).reshape(-1)) if write_pool else None,
             read_rows=None,
             offsets=mx.array((lens - 1).astype(np.int32)),
             mask=mask,
@@ -152,6 +187,7 @@ class DecodeContext:
         """Drop ``rows``; live rows past the new end move into the holes (``placed`` follows them)."""
         if not rows:
             return
+        self.flush()  # a leaving row's positions may be read from the pool later; moved rows have none pending
         gone = set(rows)
         count = len(self.request_ids) - len(gone)
         holes = [row for row in sorted(gone) if row < count]
@@ -162,15 +198,17 @@ class DecodeContext:
             self.request_ids[target], self.positions[target] = self.request_ids[source], self.positions[source]
             if placed is not None and source in placed:
                 placed[target] = placed.pop(source)
-        del self.request_ids[count:], self.positions[count:]
+        del self.request_ids[count:], self.positions[count:], self.pending[count:]
         if not self.request_ids:
             self.keys, self.values = [], []
             self.capacity_rows = self.capacity_len = 0
 
-    def _block_rows(self, row: int, length: int) -> np.ndarray:
-        """The context rows of positions ``0 .. length-1`` of context row ``row``, [heads * length]."""
+    def _block_rows(self, row: int, length: int, start: int = 0) -> np.ndarray:
+        """The context rows of positions ``start .. start+length-1`` of context row ``row``,
+        [heads * length], heads-major."""
         heads = np.arange(self.pool.kv_heads)[:, None]
-        return ((row * self.pool.kv_heads + heads) * self.capacity_len + np.arange(length)).reshape(-1).astype(np.int32)
+        positions = np.arange(start, start + length)
+        return ((row * self.pool.kv_heads + heads) * self.capacity_len + positions).reshape(-1).astype(np.int32)
 
     def _move(self, sources: list[int], targets: list[int]) -> None:
         lengths = [self.positions[source] + 1 for source in sources]

@@ -139,6 +139,10 @@ class ModelRunner:
             place(logits, [decoding[i] for i in order])
         decoded = set(decoding)
         others = [index for index in range(len(chunks)) if index not in decoded]
+        if others:
+            # The prefill forwards read the pool: the decode rows' new positions go there first
+            # (a chunk may hit a block that a decode row of this step completed).
+            self.decode_context.flush()
         start = 0
         while start < len(others):
             shape = (chunks[others[start]].start_pos, chunks[others[start]].num_tokens)

@@ -70,7 +70,8 @@ class AttentionBatch:
     positions of its block table, which include its new tokens.
     """
 
-    write_rows: mx.array  # [B * heads * L] pool row of each new (token, head), in [B, heads, L] order
+    write_rows: mx.array | None  # [B * heads * L] pool row of each new (token, head), in [B, heads, L] order;
+    # None: the tokens go to the decode context only (``DecodeContext.flush`` copies them later)
     read_rows: mx.array | None  # [B, heads, K] pool rows of each row's context, padded with valid rows
     offsets: mx.array | int  # RoPE position of each row's first new token
     mask: mx.array | str | None  # None, "causal" (aligned to the end), or bool [B, 1, 1, K]
@@ -131,9 +132,10 @@ class PagedLayerCache:
         # new: [B, heads, L, D]; its rows in that order are batch.write_rows.
         rows = new.reshape(-1, new.shape[-1])
         pool = arrays[self.layer]
-        # In place: the Python object (still arrays[layer]) now holds the scatter's result,
-        # so the old buffer's only reference is the scatter's input, which MLX donates.
-        pool[self.batch.write_rows] = rows
+        if self.batch.write_rows is not None:  # a decode row's token goes to its context row only
+            # In place: the Python object (still arrays[layer]) now holds the scatter's result,
+            # so the old buffer's only reference is the scatter's input, which MLX donates.
+            pool[self.batch.write_rows] = rows
         if context is None:
             # One take of whole rows, already in [B, heads, K, D] order and contiguous.
             return mx.take(pool, self.batch.read_rows, axis=0)
