@@ -173,6 +173,7 @@ def describe_run(args, workload: Workload, engine_settings: dict, model_paramete
             "python": platform.python_version(),
         },
         "repeats": args.repeats,
+        "warmup_passes": args.warmup_passes,
         "command": " ".join(["tools/bench", *sys.argv[1:]]),
     }
 
@@ -224,6 +225,8 @@ def run(args, prompts: list[list[int]] | None = None) -> dict:
         passes[side] = []
         if side == "mlx_lm":
             run_mlx_lm_pass(peer_model, warmup, 4, args.max_num_seqs, _NullBar())
+            for _ in range(args.warmup_passes):
+                run_mlx_lm_pass(peer_model, prompts, workload.output_len, args.max_num_seqs, _NullBar())
             for _ in range(args.repeats):
                 metrics, tokens[side] = run_mlx_lm_pass(
                     peer_model, prompts, workload.output_len, args.max_num_seqs, bar
@@ -232,6 +235,11 @@ def run(args, prompts: list[list[int]] | None = None) -> dict:
             continue
         # A new cache (and fresh counters) for each engine side: the first pass is cold.
         llm.reconfigure(model=args.model, enable_prefix_caching=side == "cache_on", **engine_settings)
+        if args.warmup_passes:
+            for _ in range(args.warmup_passes):
+                run_engine_pass(llm, prompts, params, _NullBar())
+            # Forget what the warm-up cached: the first timed pass is cold again.
+            llm.reconfigure(model=args.model, enable_prefix_caching=side == "cache_on", **engine_settings)
         for _ in range(args.repeats):
             metrics, tokens[side], pass_hits = run_engine_pass(llm, prompts, params, bar)
             passes[side].append(metrics)
@@ -578,6 +586,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="passes per side (the first cache-on pass is cold, the others warm)",
     )
     parser.add_argument(
+        "--warmup-passes",
+        type=int,
+        default=0,
+        help="untimed passes of the whole workload per side before its timed ones (on a GPU, the "
+        "kernels and graphs of every shape a pass meets are built then; an engine side's cache is "
+        "emptied after them, so its first timed pass is still cold)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run under a minute: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
@@ -642,6 +658,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sides = [side for side in SIDES if side in chosen]  # always in this order
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.warmup_passes < 0:
+        parser.error(f"--warmup-passes must be >= 0, got {args.warmup_passes}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be >= 1")
     if args.targets and args.plot:
