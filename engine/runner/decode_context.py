@@ -105,7 +105,12 @@ class DecodeContext:
         return self._batch(first, block_tables, positions, write_pool=True)
 
     def flush(self) -> None:
-        """Copy every position held here alone to its pool slot."""
+        """Copy every position held here alone to its pool slot.
+
+        A leaving row's slots may already belong to another request (its blocks freed, then
+        given out by this step's schedule): the flush runs before the step's forwards, which
+        write that request's positions after it, and a slot it has not computed yet is never
+        read before it computes it."""
         context_rows, pool_rows = [], []
         for row, slots in enumerate(self.pending):
             if slots:

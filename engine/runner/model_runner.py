@@ -4,9 +4,11 @@ Plan of a step (a ``StepInput``: each scheduled chunk with its request id, and t
 that finished or were preempted since the last step):
 1. the rows of finished and preempted requests leave the decode context;
 2. every request that continues its decode row (one new token right after its row's last
-   position) runs in ONE forward over the decode context: these rows read only their own
-   K/V, so they may run before everything else, and a block a decode row completes is then
-   written before any later chunk of the step hits it;
+   position; in a step launched ahead, the token is the previous step's, still on the
+   device) runs in ONE forward over the decode context: these rows read only their own
+   K/V, so they may run before everything else; their new K/V goes to the context only,
+   and is flushed to the pool before any other chunk of the step runs, so a block a
+   decode row completes is written before a later chunk of the step hits it;
 3. every other chunk, in schedule order (a request may hit a block that an earlier chunk of
    the same step computes, so that chunk must have written it first); consecutive chunks
    of the same shape (same start_pos and length: the suffixes after a shared cached prefix,
@@ -16,9 +18,9 @@ that finished or were preempted since the last step):
    shorter key range skips part of the masked triangle); the last token runs as a fresh
    row of the decode context, where the request decodes from the next step on.
 On MLX's CPU backend products are row-invariant, so this gives bit-identical logits
-whatever the batch. Each forward is evaluated before the next, so every pool write finds
-its buffer free to update in place. The logits stay on the device: the caller samples there
-and copies only token ids (and the rows it must keep) to the host.
+whatever the batch. Each forward is launched before the next is built, so every pool write
+finds its buffer free to update in place. The logits stay on the device (``StepLogits``):
+the caller samples there and copies only token ids (and the rows it must keep) to the host.
 """
 
 from dataclasses import dataclass, field
