@@ -156,6 +156,7 @@ class Scheduler:
         later request can hit a block that was never written. A failure between steps keeps
         the cache: every step then launched writes its blocks.
         """
+        requests = list(requests)  # walked twice below
         aborted = {request.request_id for request in requests}
         for request_id in aborted:
             self.kv.free(request_id)

@@ -127,10 +127,9 @@ class KVCacheManager:
         reference is taken and nothing is evicted. Without ``cache_full_blocks`` (a step
         scheduled before the host knows its last token) the caller caches them later.
         """
-        table = self._block_tables.get(request_id, [])
         num_total_tokens = num_computed_tokens + num_new_tokens
-        num_needed_blocks = -(-num_total_tokens // self.block_size)
-        num_new_blocks = max(0, num_needed_blocks - len(table) - len(new_computed_blocks))
+        # Hits come only with an admission (an empty table), and never outnumber the blocks needed.
+        num_new_blocks = self.num_new_blocks(request_id, num_total_tokens) - len(new_computed_blocks)
         # A hit block with no user sits in the free queue: taking it costs free capacity.
         num_hits_leaving_free_queue = sum(1 for block in new_computed_blocks if block.ref_count == 0)
         if num_new_blocks + num_hits_leaving_free_queue > self.pool.num_free_blocks:

@@ -120,10 +120,10 @@ class DecodeContext:
                 self.pending[row] = []
         if not context_rows:
             return
-        source, target = mx.array(np.concatenate(context_rows)), mx.array(np.concatenate(pool_rows))
-        for arrays, pool_arrays in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
-            for kept, pool in zip(arrays, pool_arrays, strict=True):
-                pool[target] = mx.take(kept, source, axis=0)
+        self._copy_rows(
+            (self.keys, self.values), (self.pool.keys, self.pool.values),
+            np.concatenate(context_rows), np.concatenate(pool_rows),
+        )
         # Launched now: a row moved or written after this must not find its buffer still read.
         mx.async_eval(self.pool.keys, self.pool.values)
 
@@ -147,15 +147,26 @@ class DecodeContext:
             self.positions.append(position - 1)  # its new token, written by the forward, makes it ``position``
             self.pending.append([])
         if pool_rows:
-            # One take and one scatter per array for all the new rows.
-            source, target = mx.array(np.concatenate(pool_rows)), mx.array(np.concatenate(target_rows))
-            for arrays, pool_arrays in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
-                for layer, kept in enumerate(arrays):
-                    kept[target] = mx.take(pool_arrays[layer], source, axis=0)
+            self._copy_rows(
+                (self.pool.keys, self.pool.values), (self.keys, self.values),
+                np.concatenate(pool_rows), np.concatenate(target_rows),
+            )
         # Now, not with the forward: its pool writes must not wait on these reads of the pool
         # (a buffer still read cannot be updated in place, and would be copied whole).
         mx.eval(self.keys, self.values)
         return indices
+
+    @staticmethod
+    def _copy_rows(
+        sources: tuple[list[mx.array], ...], targets: tuple[list[mx.array], ...],
+        source_rows: np.ndarray, target_rows: np.ndarray,
+    ) -> None:
+        """Rows ``source_rows`` of each source array into rows ``target_rows`` of its target
+        (K to K, V to V, layer by layer): one take and one scatter per array, in place."""
+        source_rows, target_rows = mx.array(source_rows), mx.array(target_rows)
+        for source_arrays, target_arrays in zip(sources, targets, strict=True):
+            for source, target in zip(source_arrays, target_arrays, strict=True):
+                target[target_rows] = mx.take(source, source_rows, axis=0)
 
     def _batch(
         self, first: int, block_tables: list[list[int]], positions: list[int], write_pool: bool
@@ -169,7 +180,7 @@ class DecodeContext:
         new_slots = blocks * block_size + at % block_size
         rows = np.arange(first, first + len(positions))
         context_rows = ((rows[:, None] * heads + np.arange(heads)) * capacity + at[:, None]).reshape(-1)
-        lens = np.asarray(positions) + 1
+        lens = at + 1
         context_len = int(lens.max())
         mask = None
         if (lens != context_len).any():

@@ -45,7 +45,7 @@ def launch_sampling(
 
     Greedy rows: one argmax over every row of the step's logits, then the sampled chunks'
     token ids gathered (a vocabulary-wide row is never gathered for them)."""
-    rows = logits.rows[chunks] if chunks else np.zeros(0, dtype=np.int32)
+    rows = logits.rows[chunks]
     greedy = [i for i, p in enumerate(params) if p.greedy]
     copied = [i for i, p in enumerate(params) if not p.greedy or p.return_logits]
     greedy_tokens = None
